@@ -1,0 +1,22 @@
+"""User-facing error types.
+
+Everything a user can fix (a bad config value, a malformed dataset, a missing checkpoint)
+raises a ``PosetuneError``; the CLI prints its message on one line and exits with code 2.
+Bugs stay ordinary exceptions with tracebacks.
+"""
+
+
+class PosetuneError(Exception):
+    """An error the user can fix; its message says what is wrong and how to fix it."""
+
+
+class ConfigError(PosetuneError):
+    """A configuration or search-space file, environment variable or override is invalid."""
+
+
+class DataError(PosetuneError):
+    """A dataset is missing, malformed or empty."""
+
+
+class CheckpointError(PosetuneError):
+    """A checkpoint or model cannot be found or read."""
