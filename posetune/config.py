@@ -92,9 +92,7 @@ class DatasetConfig(Section):
             raise ValueError(f"must be [left, top, right, bottom] (4 pixel values), got {value}")
         left, top, right, bottom = value
         if min(value) < 0 or right <= left or bottom <= top:
-            raise ValueError(
-                f"must satisfy 0 <= left < right and 0 <= top < bottom, got {value}"
-            )
+            raise ValueError(f"must satisfy 0 <= left < right and 0 <= top < bottom, got {value}")
         return value
 
     @property
@@ -107,6 +105,14 @@ class ModelConfig(Section):
     backbone: str = "vgg16"  # any name from `posetune.model.list_backbones()`
     # Local torchvision state_dict for the backbone (nothing is ever downloaded); None = random init.
     pretrained_weights: str | None = None
+    # Spatial grid (N x N) the last feature map is pooled to before the heads. None keeps the
+    # backbone's own: 7 for VGG (the reference), 1 (global) for the others, which loses where
+    # the object is in the image; 2-4 helps them regress position.
+    pool_size: int | None = Field(None, gt=0)
+    # torchvision builds MobileNet/EfficientNet with BatchNorm momentum 0.01, tuned for long
+    # ImageNet runs; in short runs their running statistics lag the weights so far that early
+    # evaluations look like random guessing (and ASHA stops good trials). None keeps torchvision's.
+    batchnorm_momentum: float | None = Field(0.1, gt=0, le=1)
     translation_head: list[int] = Field(default_factory=lambda: [256, 64])  # reference widths
     orientation_head: list[int] = Field(default_factory=lambda: [256, 64])
 
@@ -119,8 +125,9 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    # `mse` is the reference's (treats q and -q as different); the default is sign-invariant.
-    orientation: str = "sign_invariant"
+    # `mse` is the reference's (treats q and -q as different). The default, `geodesic`
+    # (1 - <q, q_hat>^2), is sign-invariant and learned fastest in posetune's measurements.
+    orientation: str = "geodesic"
 
 
 class OptimizerConfig(Section):

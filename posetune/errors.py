@@ -5,6 +5,8 @@ raises a ``PosetuneError``; the CLI prints its message on one line and exits wit
 Bugs stay ordinary exceptions with tracebacks.
 """
 
+from collections.abc import Iterable
+
 
 class PosetuneError(Exception):
     """An error the user can fix; its message says what is wrong and how to fix it."""
@@ -20,3 +22,8 @@ class DataError(PosetuneError):
 
 class CheckpointError(PosetuneError):
     """A checkpoint or model cannot be found or read."""
+
+
+def unknown_choice(key: str, value: object, choices: Iterable[str]) -> ConfigError:
+    """The error for a name that is not in a registry: the key, the value, every valid name."""
+    return ConfigError(f"{key} = {value!r} is not known; choose one of: {', '.join(sorted(choices))}")

@@ -67,15 +67,11 @@ CAPTURES_PER_FILE = 150  # as Unity's writer
 FIRST_FRAME = 2  # Unity's first captured frame is not 0; readers must not assume it
 
 # Face normals (object frame) and their colours: pure primaries/secondaries, one per face.
-_FACE_NORMALS = np.array(
-    [[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=float
+_FACE_NORMALS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=float)
+_FACE_COLOURS = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=float)
+_CUBE_CORNERS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float) * (
+    CUBE_SIZE / 2
 )
-_FACE_COLOURS = np.array(
-    [[1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=float
-)
-_CUBE_CORNERS = np.array(
-    [[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float
-) * (CUBE_SIZE / 2)
 # Corner indices of each face, in order around the face.
 _FACES = [
     [4, 5, 7, 6],  # +x
@@ -114,9 +110,7 @@ def _muted_colour(rng: np.random.Generator, low: float = 0.3, high: float = 0.85
 def sample_scene(rng: np.random.Generator, camera_jitter: bool = True) -> Scene:
     radius = rng.uniform(*REACH_M)
     angle = rng.uniform(0, 2 * math.pi)
-    cube = ROBOT_BASE + np.array(
-        [radius * math.cos(angle), CUBE_SIZE / 2, radius * math.sin(angle)]
-    )
+    cube = ROBOT_BASE + np.array([radius * math.cos(angle), CUBE_SIZE / 2, radius * math.sin(angle)])
     camera_position = CAMERA_POSITION.copy()
     euler = np.array([CAMERA_PITCH_DEG, 0.0, 0.0])
     if camera_jitter:
@@ -189,7 +183,10 @@ def render(scene: Scene) -> np.ndarray:
     for box, colour, is_ellipse in scene.clutter:
         (draw.ellipse if is_ellipse else draw.rectangle)(box, fill=_rgb(colour * scene.light_intensity))
 
-    draw.polygon([tuple(p) for p in table_px], fill=_rgb(scene.table_colour * light * (ambient + (1 - ambient) * to_light[1])))
+    draw.polygon(
+        [tuple(p) for p in table_px],
+        fill=_rgb(scene.table_colour * light * (ambient + (1 - ambient) * to_light[1])),
+    )
     shadow_colour = _rgb(scene.table_colour * light * ambient)
     for face in _FACES:
         draw.polygon([tuple(shadow_px[i]) for i in face], fill=shadow_colour)
@@ -322,6 +319,15 @@ def _write_metadata(dataset_dir: Path, records: list[dict]) -> None:
         (dataset_dir / f"captures_{number:03d}.json").write_text(json.dumps(captures))
 
 
+def check_output(out: Path, splits: dict[str, int], overwrite: bool) -> None:
+    """Refuse negative counts and existing splits before any work starts."""
+    for name, count in splits.items():
+        if count < 0:
+            raise DataError(f"--{name} must be >= 0, got {count}")
+        if count and (out / name).exists() and not overwrite:
+            raise DataError(f"{out / name} already exists; remove it or pass --overwrite")
+
+
 def generate(
     out: str | Path,
     splits: dict[str, int],
@@ -337,11 +343,7 @@ def generate(
     temporary folder and renamed into place when complete, so an interrupted run leaves nothing.
     """
     out = Path(out)
-    for name, count in splits.items():
-        if count < 0:
-            raise DataError(f"--{name} must be >= 0, got {count}")
-        if (out / name).exists() and not overwrite:
-            raise DataError(f"{out / name} already exists; remove it or pass --overwrite")
+    check_output(out, splits, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
     written = {}

@@ -1,0 +1,36 @@
+# Each target sets up what it needs (idempotent): a .venv with posetune and its dev tools.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The main job on embedded defaults: synthetic data, a small model, its metrics.
+demo: $(STAMP)
+	@test -d data/quick/train || $(BIN)/posetune data synth data/quick --train 2000 --val 300 --seed 0
+	$(BIN)/posetune train --config configs/quick.yaml dataset.root=data/quick system.out_dir=runs/quick-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/posetune evaluate --checkpoint $$(ls -td runs/quick-*/ | head -1)checkpoints/best.pt
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/pipeline.py
+
+clean:
+	rm -rf runs data/quick

@@ -1,0 +1,3 @@
+from posetune.cli import main
+
+raise SystemExit(main())

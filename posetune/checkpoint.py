@@ -1,0 +1,42 @@
+"""Checkpoints: one dict per file, written atomically, read with ``weights_only=True``.
+
+A checkpoint holds everything a run needs to continue exactly where it stopped (model,
+optimizer, grad scaler, epoch, optimizer step, samples seen, RNG states, metric history, best
+value) plus the fully resolved config, so evaluate/predict need nothing else.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posetune.errors import CheckpointError, PosetuneError
+from posetune.storage import read_bytes, write_bytes_atomic
+
+FORMAT = "posetune-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_checkpoint(uri: str | Path) -> dict[str, Any]:
+    """A checkpoint from a path or URI, on the CPU. Only tensors and plain containers are
+    unpickled (weights_only), so a checkpoint from elsewhere cannot run code."""
+    try:
+        data = read_bytes(uri)
+    except PosetuneError as exc:
+        raise CheckpointError(f"checkpoint {uri}: {exc}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {uri} cannot be read: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{uri} is not a posetune checkpoint")
+    return state

@@ -1,0 +1,223 @@
+"""The `posetune` command line. Each command parses its options, calls one library function
+and prints the result. User errors (``PosetuneError``) print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from posetune.errors import PosetuneError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+log = logging.getLogger("posetune")
+
+OVERRIDES_HELP = "config overrides as section.key=value (e.g. train.epochs=5 optimizer.lr=3e-4)"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("posetune").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
+    cells = [[str(c) for c in header]] + [[_cell(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from posetune.config import load_config
+    from posetune.train import fit
+
+    cfg = load_config(args.config, args.overrides)
+    start = time.perf_counter()
+    result = fit(cfg)
+    print(f"run folder: {result.out_dir}  ({time.perf_counter() - start:.0f} s)")
+    if result.best:
+        print(f"best evaluation (epoch {result.best['epoch']}):")
+        _print_metrics(result.best)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from posetune.inference import evaluate_checkpoint
+    from posetune.storage import write_text_atomic
+
+    metrics, count = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.device)
+    print(f"{args.split} split: {count} samples")
+    _print_metrics(metrics)
+    if args.json:
+        write_text_atomic(args.json, json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from posetune.inference import model_from_checkpoint, predict_images
+
+    model, cfg = model_from_checkpoint(args.checkpoint)
+    for result in predict_images(model, cfg, args.images, args.device):
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from posetune.synth import check_output, generate
+
+    splits = {"train": args.train, "val": args.val, "test": args.test}
+    check_output(Path(args.out), splits, args.overwrite)
+    start = time.perf_counter()
+    with tqdm(total=sum(splits.values()), unit="img", desc="rendering", file=sys.stderr, disable=None) as bar:
+        written = generate(
+            args.out, splits, args.seed, args.workers, not args.no_jitter, args.overwrite, bar.update
+        )
+    seconds = time.perf_counter() - start
+    for name, path in written.items():
+        print(f"{name}: {splits[name]} images -> {path}")
+    print(f"{sum(splits.values())} images in {seconds:.1f} s ({sum(splits.values()) / seconds:.0f} img/s)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from posetune.perception import read_split
+
+    rows = []
+    for split in args.splits:
+        index = read_split(args.root, split, args.label)
+        rows.append([split, index.format, len(index), index.skipped, index.source.describe()])
+    print_table(rows, ["split", "format", "samples", "skipped", "location"])
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from posetune.config import config_keys, load_config
+
+    if args.keys:
+        print("\n".join(config_keys()))
+        return 0
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    from posetune.metrics import METRIC_NAMES
+
+    print_table([[name, metrics[name]] for name in METRIC_NAMES if name in metrics], ["metric", "value"])
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posetune",
+        description="Hyperparameter search and training for 6-DoF object pose estimation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train one model",
+        description="Train one pose model. "
+        "Outputs go to system.out_dir: config.yaml, checkpoints/{last,best}.pt, metrics.json.",
+    )
+    train.add_argument("--config", help="YAML config file (e.g. configs/quick.yaml)")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="metrics of a checkpoint on a split",
+        description="Print a checkpoint's metrics on a dataset split.",
+    )
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="checkpoint file (e.g. RUN/checkpoints/best.pt)"
+    )
+    evaluate.add_argument("--data", help="dataset root (default: the one the checkpoint was trained on)")
+    evaluate.add_argument(
+        "--split", choices=["val", "test", "train"], default="val", help="split (default: val)"
+    )
+    evaluate.add_argument("--json", metavar="OUT", help="also write the metrics as a JSON object to OUT")
+    evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser(
+        "predict",
+        help="pose of the object in images",
+        description="Print one JSON line per image: translation (m) and quaternion (x, y, z, w).",
+    )
+    predict.add_argument("--checkpoint", required=True, help="checkpoint file")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    predict.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
+    predict.set_defaults(func=cmd_predict)
+
+    data = commands.add_parser("data", help="dataset tools (synth, check)")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    synth = data_commands.add_parser(
+        "synth",
+        help="generate a synthetic Perception dataset",
+        description="Render the tutorial scene into OUT/train, OUT/val (and OUT/test) "
+        "as legacy Unity Perception datasets. Deterministic for a seed; uses all cores.",
+    )
+    synth.add_argument("out", metavar="OUT", help="output folder")
+    synth.add_argument("--train", type=int, default=2000, help="training images (default: 2000)")
+    synth.add_argument("--val", type=int, default=300, help="validation images (default: 300)")
+    synth.add_argument("--test", type=int, default=0, help="test images (default: 0)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    synth.add_argument("--workers", type=int, help="processes (default: all cores)")
+    synth.add_argument("--no-jitter", action="store_true", help="disable the +-5 mm / +-1 deg camera jitter")
+    synth.add_argument("--overwrite", action="store_true", help="replace existing split folders")
+    synth.set_defaults(func=cmd_synth)
+    check = data_commands.add_parser(
+        "check",
+        help="read and validate a dataset",
+        description="Parse every split's labels and report samples and skipped captures.",
+    )
+    check.add_argument("root", help="dataset root (folder or .zip with split folders)")
+    check.add_argument("--splits", nargs="+", default=["train", "val"], help="splits (default: train val)")
+    check.add_argument("--label", default="cube_position", help="label name (default: cube_position)")
+    check.set_defaults(func=cmd_check)
+
+    config = commands.add_parser(
+        "config",
+        help="print the resolved config",
+        description="Print the config after defaults < --config < POSETUNE_* env < overrides.",
+    )
+    config.add_argument("--config", help="YAML config file")
+    config.add_argument("--keys", action="store_true", help="list every valid key")
+    config.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except PosetuneError as exc:
+        print(f"posetune: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("posetune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,252 @@
+"""From a Perception split to batches: decode, crop, resize, cache, shard, shuffle.
+
+Images are decoded once into a uint8 cache file (N, H, W, 3) keyed by the source files, the
+crop and the size, then memory-mapped: later epochs, later runs and other trials on the same
+node read it through the page cache instead of decoding PNGs. Batches stay uint8 until they
+reach the device, where ``to_model_input`` scales and normalises them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from posetune.config import Config
+from posetune.errors import DataError
+from posetune.perception import PoseIndex, read_split
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CACHE_FORMAT_VERSION = 1  # bump when decoding or resizing changes
+
+
+def decode_image(data: bytes, crop: Sequence[int] | None, size: tuple[int, int], where: str) -> np.ndarray:
+    """PNG/JPEG bytes -> (H, W, 3) uint8: RGB, optional crop box, then resize to size (w, h)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{where}: cannot decode image ({exc})") from None
+    image = image.convert("RGB")  # RGBA, greyscale and palette images alike
+    if crop is not None:
+        right, bottom = crop[2], crop[3]
+        if right > image.width or bottom > image.height:
+            raise DataError(
+                f"dataset.crop {list(crop)} does not fit the {image.width}x{image.height} image {where}"
+            )
+        image = image.crop(tuple(crop))
+    if image.size != size:
+        image = image.resize(size, Image.BILINEAR)
+    return np.asarray(image)
+
+
+class DecodedImages(Dataset):
+    """Images decoded on demand (the cold path, and how the cache is built)."""
+
+    def __init__(self, index: PoseIndex, crop: Sequence[int] | None, size: tuple[int, int]):
+        self.index, self.crop, self.size = index, crop, size
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        name = self.index.images[i]
+        return decode_image(
+            self.index.source.read(name), self.crop, self.size, self.index.source.describe(name)
+        )
+
+
+# --- The image cache --------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "posetune"
+
+
+def cache_key(index: PoseIndex, crop: Sequence[int] | None, size: tuple[int, int]) -> str:
+    """Changes with any image file (size + mtime, or zip CRC), the crop or the output size."""
+    digest = hashlib.sha256()
+    header = {"v": CACHE_FORMAT_VERSION, "source": index.source.describe(), "crop": crop, "size": size}
+    digest.update(json.dumps(header).encode())
+    for name in index.images:
+        digest.update(f"{name}\0{index.source.fingerprint(name)}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock shared by every process on the node (trials, workers)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_images(
+    index: PoseIndex,
+    crop: Sequence[int] | None,
+    size: tuple[int, int],
+    cache_dir: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """The split's decoded images as a read-only memory map (N, H, W, 3), built on first use.
+
+    Concurrent callers on a node wait for one builder; the file appears atomically.
+    """
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    path = cache_dir / f"{cache_key(index, crop, size)}-{len(index)}x{width}x{height}.npy"
+    if not path.exists():
+        with _file_lock(path.with_suffix(".lock")):
+            if not path.exists():  # another process may have built it while we waited
+                _build_cache(index, crop, size, path, num_workers, progress)
+    return np.load(path, mmap_mode="r")
+
+
+def _build_cache(index, crop, size, path: Path, num_workers: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    width, height = size
+    log.info(
+        "caching %d images of %s at %dx%d in %s", len(index), index.source.describe(), width, height, path
+    )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), height, width, 3))
+        loader = DataLoader(
+            DecodedImages(index, crop, size),
+            batch_size=64,
+            num_workers=num_workers,
+            collate_fn=np.stack,
+        )
+        start = 0
+        with tqdm(total=len(index), desc="decoding", unit="img", disable=not progress, leave=False) as bar:
+            for batch in loader:
+                out[start : start + len(batch)] = batch
+                start += len(batch)
+                bar.update(len(batch))
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- Datasets and loaders ---------------------------------------------------------------------
+
+
+class PoseDataset(Dataset):
+    """Indexed by a *list* of sample indices (a whole batch at once): one slice of the memory
+    map per batch instead of one Python call per image."""
+
+    def __init__(self, index: PoseIndex, images: np.ndarray | DecodedImages):
+        self.index = index
+        self.images = images
+        self.translations = torch.from_numpy(index.translations)
+        self.quaternions = torch.from_numpy(index.quaternions)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(self.images, np.ndarray):
+            order = np.sort(indices)  # monotone reads from the memory map
+            images = torch.from_numpy(np.ascontiguousarray(self.images[order]))
+            rows = torch.from_numpy(order)
+        else:
+            images = torch.from_numpy(np.stack([self.images[i] for i in indices]))
+            rows = torch.as_tensor(indices)
+        # (B, H, W, 3) uint8, (B, 3), (B, 4)
+        return images, self.translations[rows], self.quaternions[rows]
+
+
+def load_split(cfg: Config, split: str, sample_size: int = 0, progress: bool = False) -> PoseDataset:
+    """A split of cfg.dataset.root as a PoseDataset (cached per cfg.dataset.cache)."""
+    if cfg.dataset.root is None:
+        raise DataError("dataset.root is not set: pass dataset.root=PATH (a folder with train/ and val/)")
+    index = read_split(cfg.dataset.root, split, cfg.estimator.label_name).head(sample_size)
+    crop, size = cfg.dataset.crop, cfg.dataset.image_size
+    workers = decode_workers(cfg)
+    if cfg.dataset.cache:
+        images = cached_images(index, crop, size, cfg.dataset.cache_dir, workers, progress)
+    else:
+        images = DecodedImages(index, crop, size)
+    return PoseDataset(index, images)
+
+
+def decode_workers(cfg: Config) -> int:
+    if cfg.dataset.num_workers is not None:
+        return cfg.dataset.num_workers
+    return min(4, os.cpu_count() or 1)
+
+
+def make_loader(
+    dataset: PoseDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Batches of this rank's share of the dataset. Training shuffles with torch's
+    DistributedSampler (call ``set_epoch``); evaluation takes every world_size-th sample
+    so that all ranks' predictions interleave back into dataset order without padding."""
+    if shuffle:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+    else:
+        sampler = range(rank, len(dataset), world_size)
+    return DataLoader(
+        dataset,
+        sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
+        batch_size=None,  # the dataset returns whole batches
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle deterministically for this epoch (same order after a resume)."""
+    sampler = loader.batch_sampler.sampler if loader.batch_sampler else loader.sampler
+    sampler = getattr(sampler, "sampler", sampler)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+def to_model_input(
+    images: torch.Tensor, device: torch.device, normalize: str, channels_last: bool
+) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float on the device, scaled to [0, 1], optionally
+    ImageNet-normalised. Conversion happens after the copy, so only uint8 crosses the bus."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    if normalize == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=memory_format)

@@ -1,0 +1,63 @@
+"""One interface for reading and atomically writing files by path or URI.
+
+Local paths are handled here; other schemes (gs://, http(s)://) register a reader in
+``READERS`` so that checkpoints, configs and datasets load the same way wherever they live.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from posetune.errors import PosetuneError
+
+
+def _read_local(uri: str) -> bytes:
+    path = Path(uri.removeprefix("file://"))
+    if not path.is_file():
+        raise PosetuneError(f"{path} not found")
+    return path.read_bytes()
+
+
+# scheme -> reader; "" is a plain path
+READERS: dict[str, Callable[[str], bytes]] = {"": _read_local, "file": _read_local}
+
+
+def scheme_of(uri: str) -> str:
+    head, sep, _ = str(uri).partition("://")
+    return head.lower() if sep else ""
+
+
+def read_bytes(uri: str | Path) -> bytes:
+    """The whole file at a local path or a registered URI scheme."""
+    uri = str(uri)
+    scheme = scheme_of(uri)
+    if scheme not in READERS:
+        known = ", ".join(f"{s}://" for s in sorted(READERS) if s) or "none"
+        raise PosetuneError(
+            f"cannot read {uri}: unsupported scheme {scheme}:// (supported: local paths, {known})"
+        )
+    return READERS[scheme](uri)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder + fsync + rename: readers see the old
+    file or the new one, never a torn one, even if the process is killed mid-write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())

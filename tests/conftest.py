@@ -1,0 +1,138 @@
+"""Shared fixtures: small datasets the tests generate themselves, and an isolated cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from posetune import synth
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's ~/.cache or pick up their POSETUNE_* variables."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("POSETUNE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """A 96/32/16 synthetic dataset (train/val/test), shared by the whole session."""
+    root = tmp_path_factory.mktemp("synth-small")
+    synth.generate(root, {"train": 96, "val": 32, "test": 16}, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_learn(tmp_path_factory) -> Path:
+    """Enough synthetic frames for a short training run to learn something."""
+    root = tmp_path_factory.mktemp("synth-learn")
+    synth.generate(root, {"train": 800, "val": 150}, seed=1)
+    return root
+
+
+# --- Hand-made Perception fixtures ------------------------------------------------------------
+
+
+def write_png(path: Path, size=(64, 40), mode="RGB", colour=(120, 60, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fill = (*colour, 255) if mode == "RGBA" else colour
+    Image.new(mode, size, fill).save(path)
+
+
+def legacy_value(t=(0.1, -0.2, 1.7), q=(0.0, 0.7071068, 0.0, 0.7071068), label="cube_position", lists=False):
+    if lists:
+        return {
+            "label_id": 1,
+            "label_name": label,
+            "instance_id": 1,
+            "translation": list(t),
+            "rotation": list(q),
+        }
+    return {
+        "label_id": 1,
+        "label_name": label,
+        "instance_id": 1,
+        "translation": dict(zip("xyz", t, strict=True)),
+        "size": {"x": 0.1, "y": 0.1, "z": 0.1},
+        "rotation": dict(zip("xyzw", q, strict=True)),
+    }
+
+
+def legacy_capture(filename: str, values: list) -> dict:
+    return {
+        "id": "c",
+        "filename": filename,
+        "format": "PNG",
+        "annotations": [{"id": "a", "annotation_definition": synth.BOX3D_DEFINITION_ID, "values": values}],
+    }
+
+
+def write_legacy(split_dir: Path, files: list[list[dict]], mode="RGB", images=True) -> None:
+    """One captures_NNN.json per entry of `files`; images written for every capture."""
+    dataset = split_dir / "Dataset0000"
+    dataset.mkdir(parents=True, exist_ok=True)
+    for number, captures in enumerate(files):
+        (dataset / f"captures_{number:03d}.json").write_text(
+            json.dumps({"version": "0.0.1", "captures": captures})
+        )
+        for capture in captures:
+            if images:
+                write_png(split_dir / capture["filename"], mode=mode)
+
+
+def write_solo(root: Path, frames: list[tuple[tuple, tuple]], label="cube_position") -> None:
+    """A SOLO dataset with one sequence per frame; frames are (translation, quaternion)."""
+    for n, (t, q) in enumerate(frames):
+        folder = root / f"sequence.{n}"
+        write_png(folder / "step0.camera.png")
+        frame = {
+            "frame": n,
+            "sequence": n,
+            "step": 0,
+            "captures": [
+                {
+                    "@type": "type.unity.com/unity.solo.RGBCamera",
+                    "id": "camera",
+                    "filename": "step0.camera.png",
+                    "dimension": [64, 40],
+                    "annotations": [
+                        {
+                            "@type": "type.unity.com/unity.solo.BoundingBox3DAnnotation",
+                            "id": "bounding box 3D",
+                            "values": [
+                                {
+                                    "instanceId": 1,
+                                    "labelId": 1,
+                                    "labelName": "other",
+                                    "translation": [9, 9, 9],
+                                    "rotation": [0, 0, 0, 1],
+                                },
+                                {
+                                    "instanceId": 2,
+                                    "labelId": 2,
+                                    "labelName": label,
+                                    "translation": list(t),
+                                    "rotation": list(q),
+                                },
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+        (folder / "step0.frame_data.json").write_text(json.dumps(frame))
+    (root / "metadata.json").write_text("{}")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
