@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -87,9 +88,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     check_output(Path(args.out), splits, args.overwrite)
     start = time.perf_counter()
     with tqdm(total=sum(splits.values()), unit="img", desc="rendering", file=sys.stderr, disable=None) as bar:
-        written = generate(
-            args.out, splits, args.seed, args.workers, not args.no_jitter, args.overwrite, bar.update
-        )
+        written = generate(args.out, splits, args.seed, args.workers, not args.no_jitter, args.overwrite, bar.update)
     seconds = time.perf_counter() - start
     for name, path in written.items():
         print(f"{name}: {splits[name]} images -> {path}")
@@ -105,6 +104,52 @@ def cmd_check(args: argparse.Namespace) -> int:
         index = read_split(args.root, split, args.label)
         rows.append([split, index.format, len(index), index.skipped, index.source.describe()])
     print_table(rows, ["split", "format", "samples", "skipped", "location"])
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from posetune.search import describe_plan, local_resources, plan_resources, run_search, summary_lines
+    from posetune.space import load_space
+
+    space, base = load_space(args.space, args.overrides, args.name)
+    resume = ["posetune search", args.space, "--resume", *(["--name", args.name] if args.name else []), *args.overrides]
+    resume_hint = f"search interrupted; continue it with:\n  {' '.join(resume)}"
+    if args.dry_run:
+        plan = None if os.environ.get("RAY_ADDRESS") else plan_resources(space, local_resources())
+        print("\n".join(describe_plan(space, base, plan)))
+        if plan is None:
+            print("concurrency: decided from the cluster at RAY_ADDRESS when the search starts")
+        print("dry run: nothing was started or written")
+        return 0
+    try:
+        summary = run_search(space, base, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\n{resume_hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print()
+    print("\n".join(summary_lines(summary)))
+    if summary.interrupted:
+        print(f"\n{resume_hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from posetune.config import parse_override
+    from posetune.errors import ConfigError
+    from posetune.search import load_results, rank_records, results_table
+
+    storage_path = "runs/search"
+    for text in args.overrides:
+        key, value = parse_override(text)
+        if key != "storage.path":
+            raise ConfigError(f"posetune results takes only storage.path=..., got {text!r}")
+        storage_path = str(value)
+    results, metric, mode = load_results(args.name, storage_path)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(results_table(rank_records(results["trials"], metric, mode), metric)))
     return 0
 
 
@@ -150,13 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics of a checkpoint on a split",
         description="Print a checkpoint's metrics on a dataset split.",
     )
-    evaluate.add_argument(
-        "--checkpoint", required=True, help="checkpoint file (e.g. RUN/checkpoints/best.pt)"
-    )
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint file (e.g. RUN/checkpoints/best.pt)")
     evaluate.add_argument("--data", help="dataset root (default: the one the checkpoint was trained on)")
-    evaluate.add_argument(
-        "--split", choices=["val", "test", "train"], default="val", help="split (default: val)"
-    )
+    evaluate.add_argument("--split", choices=["val", "test", "train"], default="val", help="split (default: val)")
     evaluate.add_argument("--json", metavar="OUT", help="also write the metrics as a JSON object to OUT")
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
     evaluate.set_defaults(func=cmd_evaluate)
@@ -197,6 +238,38 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--splits", nargs="+", default=["train", "val"], help="splits (default: train val)")
     check.add_argument("--label", default="cube_position", help="label name (default: cube_position)")
     check.set_defaults(func=cmd_check)
+
+    search = commands.add_parser(
+        "search",
+        help="hyperparameter search (Ray Tune + Ray Train)",
+        description="Search the space in SPACE.yaml: Optuna TPE (or random) proposes trials, ASHA stops weak "
+        "ones by samples seen, each trial trains with a Ray Train TorchTrainer. Connects to a running Ray cluster "
+        "(RAY_ADDRESS, or one on this node) or starts a local one. Outputs: results.json, best_config.yaml and "
+        "best/model.pt in <storage.path>/<storage.name>/.",
+    )
+    search.add_argument("space", metavar="SPACE.yaml", help="search-space file (see search_spaces/README.md)")
+    search.add_argument("--name", help="experiment name (default: storage.name from the file)")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
+    search.add_argument("--dry-run", action="store_true", help="print the space, trial count and resource plan")
+    search.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="search-file keys (search.num_samples=4, storage.path=/tmp/s) or base config keys (train.epochs=3)",
+    )
+    search.set_defaults(func=cmd_search)
+
+    results = commands.add_parser(
+        "results",
+        help="the trial table of a stored search",
+        description="Print a stored search's trials (best first) without running anything.",
+    )
+    results.add_argument("name", metavar="NAME", help="experiment name (storage.name)")
+    results.add_argument("--json", action="store_true", help='print results.json: {"trials": [...]}')
+    results.add_argument(
+        "overrides", nargs="*", metavar="storage.path=DIR", help="where searches are stored (default: runs/search)"
+    )
+    results.set_defaults(func=cmd_results)
 
     config = commands.add_parser(
         "config",

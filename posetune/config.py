@@ -138,6 +138,7 @@ class OptimizerConfig(Section):
     schedule: str = "constant"  # any name from `posetune.train.list_schedules()`
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # floor of decaying schedules, as a share of lr
+    grad_clip_norm: float | None = Field(None, gt=0)  # clip the global gradient norm; None = off
 
 
 class CheckpointConfig(Section):

@@ -45,9 +45,7 @@ def decode_image(data: bytes, crop: Sequence[int] | None, size: tuple[int, int],
     if crop is not None:
         right, bottom = crop[2], crop[3]
         if right > image.width or bottom > image.height:
-            raise DataError(
-                f"dataset.crop {list(crop)} does not fit the {image.width}x{image.height} image {where}"
-            )
+            raise DataError(f"dataset.crop {list(crop)} does not fit the {image.width}x{image.height} image {where}")
         image = image.crop(tuple(crop))
     if image.size != size:
         image = image.resize(size, Image.BILINEAR)
@@ -65,9 +63,7 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, i: int) -> np.ndarray:
         name = self.index.images[i]
-        return decode_image(
-            self.index.source.read(name), self.crop, self.size, self.index.source.describe(name)
-        )
+        return decode_image(self.index.source.read(name), self.crop, self.size, self.index.source.describe(name))
 
 
 # --- The image cache --------------------------------------------------------------------------
@@ -126,9 +122,7 @@ def _build_cache(index, crop, size, path: Path, num_workers: int, progress: bool
     from tqdm import tqdm
 
     width, height = size
-    log.info(
-        "caching %d images of %s at %dx%d in %s", len(index), index.source.describe(), width, height, path
-    )
+    log.info("caching %d images of %s at %dx%d in %s", len(index), index.source.describe(), width, height, path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), height, width, 3))
@@ -238,9 +232,7 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def to_model_input(
-    images: torch.Tensor, device: torch.device, normalize: str, channels_last: bool
-) -> torch.Tensor:
+def to_model_input(images: torch.Tensor, device: torch.device, normalize: str, channels_last: bool) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float on the device, scaled to [0, 1], optionally
     ImageNet-normalised. Conversion happens after the copy, so only uint8 crosses the bus."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)

@@ -24,17 +24,13 @@ def model_from_checkpoint(uri: str | Path) -> tuple[PoseNet, Config]:
     try:
         model.load_state_dict(saved["model"])
     except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint {uri} does not match its own config: {str(exc).splitlines()[0]}"
-        ) from None
+        raise CheckpointError(f"checkpoint {uri} does not match its own config: {str(exc).splitlines()[0]}") from None
     return model.eval(), cfg
 
 
 def _runtime(cfg: Config, device: str | None) -> Runtime:
     resolved = resolve_device(device or "auto")
-    return Runtime(
-        resolved, amp_dtype=autocast_dtype(cfg.precision, resolved), normalize=cfg.dataset.normalize
-    )
+    return Runtime(resolved, amp_dtype=autocast_dtype(cfg.precision, resolved), normalize=cfg.dataset.normalize)
 
 
 def evaluate_checkpoint(
@@ -57,9 +53,7 @@ def evaluate_checkpoint(
 
 
 @torch.no_grad()
-def predict_images(
-    model: PoseNet, cfg: Config, paths: Sequence[str | Path], device: str | None = None
-) -> list[dict]:
+def predict_images(model: PoseNet, cfg: Config, paths: Sequence[str | Path], device: str | None = None) -> list[dict]:
     """One {"image", "translation": [x, y, z], "quaternion": [x, y, z, w]} per image file."""
     rt = _runtime(cfg, device)
     model = model.to(rt.device).eval()
@@ -75,9 +69,7 @@ def predict_images(
             {
                 "image": str(path),
                 "translation": [round(v, 6) for v in translation[0].float().tolist()],
-                "quaternion": None
-                if quaternion is None
-                else [round(v, 6) for v in quaternion[0].float().tolist()],
+                "quaternion": None if quaternion is None else [round(v, 6) for v in quaternion[0].float().tolist()],
             }
         )
     return results

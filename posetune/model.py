@@ -139,9 +139,7 @@ class PoseNet(nn.Module):
 
 
 def create_model(cfg: ModelConfig, symmetric: bool = False) -> PoseNet:
-    backbone, features = create_backbone(
-        cfg.backbone, cfg.pretrained_weights, cfg.pool_size, cfg.batchnorm_momentum
-    )
+    backbone, features = create_backbone(cfg.backbone, cfg.pretrained_weights, cfg.pool_size, cfg.batchnorm_momentum)
     return PoseNet(backbone, features, cfg, symmetric)
 
 

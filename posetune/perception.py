@@ -263,9 +263,7 @@ def _is_box3d(annotation: Any) -> bool:
     if annotation.get("annotation_definition") == BOX3D_DEFINITION_ID:
         return True
     values = annotation.get("values")
-    return (
-        isinstance(values, list) and bool(values) and isinstance(values[0], dict) and "rotation" in values[0]
-    )
+    return isinstance(values, list) and bool(values) and isinstance(values[0], dict) and "rotation" in values[0]
 
 
 def _read_legacy(source: Source, names: list[str], label_name: str) -> tuple[list, int]:

@@ -7,7 +7,8 @@ Local paths are handled here; other schemes (gs://, http(s)://) register a reade
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,9 +37,7 @@ def read_bytes(uri: str | Path) -> bytes:
     scheme = scheme_of(uri)
     if scheme not in READERS:
         known = ", ".join(f"{s}://" for s in sorted(READERS) if s) or "none"
-        raise PosetuneError(
-            f"cannot read {uri}: unsupported scheme {scheme}:// (supported: local paths, {known})"
-        )
+        raise PosetuneError(f"cannot read {uri}: unsupported scheme {scheme}:// (supported: local paths, {known})")
     return READERS[scheme](uri)
 
 
@@ -47,17 +46,31 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     file or the new one, never a torn one, even if the process is killed mid-write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A unique name in the same folder (rename is atomic within a filesystem); plain open()
+    # so the file gets the usual umask permissions, unlike mkstemp's 0600.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
+
+
+def copy_atomic(source: str | Path, destination: str | Path) -> None:
+    """Copy a (possibly large) file so that the destination appears complete or not at all."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, destination)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -69,9 +69,7 @@ FIRST_FRAME = 2  # Unity's first captured frame is not 0; readers must not assum
 # Face normals (object frame) and their colours: pure primaries/secondaries, one per face.
 _FACE_NORMALS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=float)
 _FACE_COLOURS = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 1], [0, 0, 1], [0, 1, 1]], dtype=float)
-_CUBE_CORNERS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float) * (
-    CUBE_SIZE / 2
-)
+_CUBE_CORNERS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=float) * (CUBE_SIZE / 2)
 # Corner indices of each face, in order around the face.
 _FACES = [
     [4, 5, 7, 6],  # +x
@@ -352,9 +350,7 @@ def generate(
         for split_index, (name, count) in enumerate(splits.items()):
             if count == 0:
                 continue
-            written[name] = _generate_split(
-                pool, out, name, split_index, count, seed, camera_jitter, on_progress
-            )
+            written[name] = _generate_split(pool, out, name, split_index, count, seed, camera_jitter, on_progress)
     return written
 
 

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 class TrainingDiverged(PosetuneError):
     """The loss became NaN or infinite."""
 
+    def __init__(self, message: str, samples_seen: int = 0):
+        super().__init__(message)
+        self.samples_seen = samples_seen
+
 
 # --- Learning-rate schedules (chosen by name in YAML: optimizer.schedule) ---------------------
 
@@ -127,6 +131,15 @@ class TrainState:
     best: dict[str, Any] | None = None
 
 
+def _finite_everywhere(finite: bool, rt: Runtime) -> bool:
+    """All ranks agree, so they stop together instead of one waiting in an all-reduce."""
+    if rt.world_size == 1:
+        return finite
+    flag = torch.tensor([0.0 if finite else 1.0], device=rt.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -145,7 +158,7 @@ def train_one_epoch(
 
     model.train()
     batches, accumulate = len(loader), cfg.train.accumulation_steps
-    total_loss, start = 0.0, time.perf_counter()
+    total_loss, start, finite = 0.0, time.perf_counter(), True
     bar = tqdm(
         total=batches,
         desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
@@ -175,16 +188,21 @@ def train_one_epoch(
                 cfg.train.beta_loss,
                 loss_fn,
             )
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"training diverged at epoch {state.epoch + 1} (loss {loss.item()}); lower optimizer.lr"
-                )
             scaler.scale(loss / group_size).backward()
         state.samples_seen += len(images) * rt.world_size
         total_loss += loss.item()
+        finite = finite and math.isfinite(loss.item())
         if last_in_group:
+            if not _finite_everywhere(finite, rt):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {state.epoch + 1} (loss {loss.item():g}); lower optimizer.lr",
+                    state.samples_seen,
+                )
             for group in optimizer.param_groups:
                 group["lr"] = lr_for_step(state.step)
+            if cfg.optimizer.grad_clip_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -366,9 +384,7 @@ def fit(
     model.set_translation_stats(train_set.translations.to(device))
     state = TrainState()
     if not cfg.model.pretrained_weights and not cfg.checkpoint.resume and rank == 0:
-        log.info(
-            "model.pretrained_weights is not set: %s starts from random initialisation", cfg.model.backbone
-        )
+        log.info("model.pretrained_weights is not set: %s starts from random initialisation", cfg.model.backbone)
     if cfg.checkpoint.resume:
         state = _resume(cfg.checkpoint.resume, model, optimizer, scaler)
         log.info(
@@ -405,9 +421,7 @@ def fit(
     while state.epoch < cfg.train.epochs:
         set_epoch(train_loader, state.epoch)
         epoch_start = time.perf_counter()
-        loss = train_one_epoch(
-            model, train_loader, optimizer, scaler, loss_fn, rt, cfg, state, lr_for_step, progress
-        )
+        loss = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, rt, cfg, state, lr_for_step, progress)
         state.epoch += 1
         seconds = time.perf_counter() - epoch_start
         if rank == 0:
@@ -454,9 +468,7 @@ def _resume(path: str, model: nn.Module, optimizer, scaler) -> TrainState:
     except RuntimeError as exc:
         backbone = saved["config"]["model"]["backbone"]
         first_line = str(exc).splitlines()[0]
-        raise ConfigError(
-            f"checkpoint.resume {path} holds a different model ({backbone}): {first_line}"
-        ) from None
+        raise ConfigError(f"checkpoint.resume {path} holds a different model ({backbone}): {first_line}") from None
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
     _restore_rng(saved["rng"])

@@ -81,9 +81,7 @@ def write_legacy(split_dir: Path, files: list[list[dict]], mode="RGB", images=Tr
     dataset = split_dir / "Dataset0000"
     dataset.mkdir(parents=True, exist_ok=True)
     for number, captures in enumerate(files):
-        (dataset / f"captures_{number:03d}.json").write_text(
-            json.dumps({"version": "0.0.1", "captures": captures})
-        )
+        (dataset / f"captures_{number:03d}.json").write_text(json.dumps({"version": "0.0.1", "captures": captures}))
         for capture in captures:
             if images:
                 write_png(split_dir / capture["filename"], mode=mode)

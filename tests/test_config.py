@@ -38,17 +38,13 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, ["optimizer.lrr=0.1", "trian.epochs=3"], environ={})
     message = str(err.value)
-    assert (
-        "train.bach_size" in message and "did you mean train.batch_size?" in message and str(path) in message
-    )
+    assert "train.bach_size" in message and "did you mean train.batch_size?" in message and str(path) in message
     assert "optimizer.lrr" in message and "did you mean optimizer.lr?" in message
     assert "trian.epochs" in message and "did you mean train.epochs?" in message
 
 
 def test_unknown_environment_variable_is_an_error():
-    with pytest.raises(
-        ConfigError, match=r"train\.epoch .*POSETUNE_TRAIN__EPOCH.*did you mean train\.epochs"
-    ):
+    with pytest.raises(ConfigError, match=r"train\.epoch .*POSETUNE_TRAIN__EPOCH.*did you mean train\.epochs"):
         load_config(environ={"POSETUNE_TRAIN__EPOCH": "3"})
 
 

@@ -43,9 +43,7 @@ def test_changed_image_invalidates_the_cache(synth_small, tmp_path):
     before = cached_images(index, None, (32, 20), tmp_path / "cache")
     image = tmp_path / "d" / "val" / index.images[0]
     os.utime(image, ns=(1, 1))  # same bytes, new mtime: rebuilt, to be safe
-    after = cached_images(
-        read_split(tmp_path / "d", "val", "cube_position"), None, (32, 20), tmp_path / "cache"
-    )
+    after = cached_images(read_split(tmp_path / "d", "val", "cube_position"), None, (32, 20), tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 and np.array_equal(before, after)
 
 
@@ -92,9 +90,7 @@ def test_training_order_is_shuffled_per_epoch_and_reproducible(synth_small, tmp_
     dataset = load_split(cfg, "train")
 
     def order(epoch, rank=0, world_size=1):
-        loader = make_loader(
-            dataset, 8, shuffle=True, seed=4, rank=rank, world_size=world_size, drop_last=True
-        )
+        loader = make_loader(dataset, 8, shuffle=True, seed=4, rank=rank, world_size=world_size, drop_last=True)
         set_epoch(loader, epoch)
         return [t[0].item() for batch in loader for t in batch[1]]
 

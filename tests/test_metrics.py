@@ -55,9 +55,7 @@ def test_symmetric_metrics_are_translation_only():
     t = torch.zeros(3, 3)
     m = pose_metrics(t + 0.02, None, t, torch.zeros(3, 4))
     assert m["translation_error_cm"] == pytest.approx(100 * math.sqrt(3 * 0.02**2))
-    assert "orientation_error_deg" not in m and m["pose_error"] == pytest.approx(
-        m["translation_error_cm"] / 2
-    )
+    assert "orientation_error_deg" not in m and m["pose_error"] == pytest.approx(m["translation_error_cm"] / 2)
 
 
 def test_metric_modes():

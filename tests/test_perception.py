@@ -53,9 +53,7 @@ def test_both_value_forms_several_files_skips_and_label_choice(tmp_path):
 
 def test_captures_files_are_read_in_numeric_order(tmp_path):
     split = tmp_path / "train"
-    write_legacy(
-        split, [[legacy_capture(f"RGB0/rgb_{n}.png", [legacy_value(t=(n, 0, 1))])] for n in range(12)]
-    )
+    write_legacy(split, [[legacy_capture(f"RGB0/rgb_{n}.png", [legacy_value(t=(n, 0, 1))])] for n in range(12)])
     index = read_split(tmp_path, "train", "cube_position")
     assert index.translations[:, 0].tolist() == list(range(12))  # captures_010 after captures_009
 
@@ -91,9 +89,7 @@ def test_rgba_and_greyscale_images_become_rgb(tmp_path):
 
 def test_crop_outside_the_image_is_a_clear_error(tmp_path):
     write_png(tmp_path / "a.png", size=(64, 40))
-    with pytest.raises(
-        DataError, match=r"dataset.crop \[0, 0, 100, 40\] does not fit the 64x40 image .*a.png"
-    ):
+    with pytest.raises(DataError, match=r"dataset.crop \[0, 0, 100, 40\] does not fit the 64x40 image .*a.png"):
         decode_image((tmp_path / "a.png").read_bytes(), [0, 0, 100, 40], (16, 16), str(tmp_path / "a.png"))
 
 
@@ -149,9 +145,7 @@ def test_missing_image(tmp_path):
 
 def test_empty_dataset_and_missing_folders(tmp_path):
     write_legacy(tmp_path / "train", [[legacy_capture("RGB0/rgb_2.png", [])]])
-    with pytest.raises(
-        DataError, match=r"no usable samples: 1 captures, none with a 'cube_position' instance"
-    ):
+    with pytest.raises(DataError, match=r"no usable samples: 1 captures, none with a 'cube_position' instance"):
         read_split(tmp_path, "train", "cube_position")
     with pytest.raises(DataError, match=r"split folder .*val not found"):
         read_split(tmp_path, "val", "cube_position")

@@ -32,9 +32,7 @@ TINY = [
 
 
 def tiny_config(root, out_dir, *extra):
-    return load_config(
-        overrides=[*TINY, f"dataset.root={root}", f"system.out_dir={out_dir}", *extra], environ={}
-    )
+    return load_config(overrides=[*TINY, f"dataset.root={root}", f"system.out_dir={out_dir}", *extra], environ={})
 
 
 def trivial_metrics(train_root, val_root):
@@ -44,9 +42,7 @@ def trivial_metrics(train_root, val_root):
     q = train.quaternions.double()
     mean_q = torch.linalg.eigh(q.T @ q).eigenvectors[:, -1].float()  # sign-invariant mean
     n = len(val)
-    return pose_metrics(
-        train.translations.mean(0).expand(n, 3), mean_q.expand(n, 4), val.translations, val.quaternions
-    )
+    return pose_metrics(train.translations.mean(0).expand(n, 3), mean_q.expand(n, 4), val.translations, val.quaternions)
 
 
 def test_training_learns_beyond_half_the_trivial_error(synth_learn, tmp_path):
@@ -99,9 +95,7 @@ def test_resume_ends_where_an_uninterrupted_run_would(synth_small, tmp_path):
         fit(tiny_config(synth_small, tmp_path / "b"), on_evaluation=crash_after_first_evaluation)
     assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] == 1
     resumed = fit(
-        tiny_config(
-            synth_small, tmp_path / "b", f"checkpoint.resume={tmp_path / 'b' / 'checkpoints' / 'last.pt'}"
-        )
+        tiny_config(synth_small, tmp_path / "b", f"checkpoint.resume={tmp_path / 'b' / 'checkpoints' / 'last.pt'}")
     )
     assert resumed.history == straight.history
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
@@ -119,9 +113,7 @@ def test_gradient_accumulation_equals_one_big_batch(synth_small):
     for batch, accumulate in [(8, 1), (4, 2)]:
         torch.manual_seed(0)
         backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(2))
-        model = PoseNet(
-            backbone, 16, ModelConfig(translation_head=[8], orientation_head=[8]), symmetric=False
-        )
+        model = PoseNet(backbone, 16, ModelConfig(translation_head=[8], orientation_head=[8]), symmetric=False)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.train.accumulation_steps = accumulate

@@ -1,0 +1,606 @@
+"""`posetune search`: Ray Tune over trials that each fit a Ray Train TorchTrainer.
+
+Searcher: Optuna (TPE, or random for comparison) through Ray's OptunaSearch, with a
+define-by-run space (conditional parameters). Scheduler: ASHA on *training samples seen*, so
+trials with different batch sizes are stopped at equal compute. A trial that ASHA stops is
+told to Optuna as PRUNED (see ``BudgetAwareOptunaSearch``), never as a finished trial with an
+under-trained score.
+
+Experiment folder ``<storage.path>/<storage.name>/``:
+    (Ray Tune's experiment state and trial folders)
+    train/<trial id>/       Ray Train runs: each trial's checkpoints (last.pt + its best.pt)
+    search.json             what was searched (to refuse a --resume with a different space)
+    results.json            {"trials": [...]}, updated live
+    best_config.yaml        the best trial's config; `posetune train --config` accepts it
+    best/model.pt           the best trial's best checkpoint
+    summary.txt             the final table
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from posetune.config import Config
+from posetune.errors import ConfigError, PosetuneError
+from posetune.perception import read_split
+from posetune.space import EFFECTIVE_BATCH, DefineByRun, SearchSpace, describe_parameter
+from posetune.storage import copy_atomic, write_text_atomic
+from posetune.trial import TRIAL_DRIVER_CPUS, TrialSetup, build_trial_config, run_trial
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("completed", "stopped_early", "failed", "diverged")
+
+
+# --- Resources --------------------------------------------------------------------------------
+
+
+@dataclass
+class ResourcePlan:
+    cluster_cpus: float
+    cluster_gpus: float
+    gpus_per_worker: float
+    concurrency: int
+    note: str = ""
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+def plan_resources(space: SearchSpace, cluster: dict[str, float]) -> ResourcePlan:
+    """How many trials run at once. Each trial holds its driver's sliver of a CPU plus its
+    workers' CPUs/GPUs; asking for more than the cluster has would leave trials waiting for
+    a worker group that can never start."""
+    r = space.resources
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    gpus_per_worker = (1.0 if gpus >= 1 else 0.0) if r.gpus_per_worker == "auto" else float(r.gpus_per_worker)
+    trial_cpus = r.workers_per_trial * r.cpus_per_worker + TRIAL_DRIVER_CPUS
+    trial_gpus = r.workers_per_trial * gpus_per_worker
+    fit = math.floor(cpus / trial_cpus + 1e-9)
+    if trial_gpus:
+        fit = min(fit, math.floor(gpus / trial_gpus + 1e-9))
+    wanted = space.search.max_concurrent_trials
+    if wanted is not None:
+        note = "" if wanted <= fit else f"; the cluster fits {fit} now (an autoscaling cluster may add nodes)"
+        return ResourcePlan(cpus, gpus, gpus_per_worker, wanted, f"search.max_concurrent_trials = {wanted}{note}")
+    if fit < 1:
+        raise ConfigError(
+            f"one trial needs {trial_cpus:g} CPUs and {trial_gpus:g} GPUs "
+            f"({r.workers_per_trial} worker(s)) but the cluster has {cpus:g} CPUs and {gpus:g} GPUs: "
+            "lower resources.workers_per_trial or resources.cpus_per_worker"
+        )
+    concurrency = min(fit, space.search.num_samples)
+    return ResourcePlan(cpus, gpus, gpus_per_worker, concurrency, f"{concurrency} concurrent trial(s) fit the cluster")
+
+
+def local_resources() -> dict[str, float]:
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def connect_ray(num_cpus: int | None = None) -> bool:
+    """Use a running cluster (RAY_ADDRESS, or one on this node such as a `ray up` head);
+    otherwise start a local instance. Returns True when this process started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        return False
+    from ray._private.services import find_gcs_addresses  # private: pinned by tests/test_search.py
+
+    if find_gcs_addresses():
+        ray.init(address="auto", **quiet)
+        return False
+    # The dashboard process stays: Ray's state API behind it frees the workers of trials
+    # that ASHA stops; without it they leak and later trials wait forever. Nothing is
+    # preempted on a local instance, so Ray Train's preemption watcher (noisy) is off.
+    no_preemption = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+    ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=no_preemption, **quiet)
+    return True
+
+
+# --- Searcher -----------------------------------------------------------------------------------
+
+
+class BudgetAwareOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, made to match an ASHA budget in samples seen.
+
+    - Intermediate values are reported at step = samples seen: Tune's training_iteration
+      restarts at 1 after a resume and means different compute for different batch sizes.
+    - A trial that ends before the budget (stopped by ASHA) or diverged is told as PRUNED.
+      Ray tells it COMPLETE with its partial score, so TPE would learn from under-trained
+      values as if they were final; Optuna's TPE ranks pruned trials below complete ones,
+      by how far they got and then by their last value.
+    """
+
+    def __init__(self, *args, budget: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._budget = budget
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or result.get("diverged"):
+            return
+        self._ot_trials[trial_id].report(result[self.metric], result["samples_seen"])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        partial = result and (result.get("diverged") or result.get("samples_seen", 0) < self._budget)
+        if error or not partial or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def build_searcher(space: SearchSpace):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = space.search
+    sampler = (
+        optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
+    )
+    return BudgetAwareOptunaSearch(
+        space=DefineByRun(space),
+        metric=s.metric,
+        mode=s.resolved_mode,
+        sampler=sampler,
+        points_to_evaluate=[dict(point) for point in s.points_to_evaluate] or None,
+        budget=s.asha.max_samples,
+    )
+
+
+def build_scheduler(space: SearchSpace):
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = space.search.asha
+    return ASHAScheduler(
+        time_attr="samples_seen",
+        max_t=asha.max_samples,
+        grace_period=asha.grace_samples,
+        reduction_factor=asha.reduction_factor,
+    )
+
+
+# --- Live progress and results.json -------------------------------------------------------------
+
+
+def trial_status(result: dict[str, Any], budget: int) -> str:
+    if result.get("diverged"):
+        return "diverged"
+    return "completed" if result.get("samples_seen", 0) >= budget else "stopped_early"
+
+
+def _better(mode: str, a: float, b: float | None) -> bool:
+    return b is None or (a < b if mode == "min" else a > b)
+
+
+class SearchMonitor:
+    """Keeps one record per trial, rewrites results.json atomically on every change and prints
+    one progress line per event. Wrapped in a ray.tune.Callback by ``_monitor_callback``."""
+
+    def __init__(self, path: Path, metric: str, mode: str, budget: int, say: Callable[[str], None]):
+        self.path, self.metric, self.mode, self.budget, self.say = path, metric, mode, budget, say
+        self._load()
+
+    def _load(self) -> None:
+        """Records from results.json: a resumed search keeps what it already knew."""
+        self.start = time.monotonic()
+        self.records: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            for record in json.loads(self.path.read_text())["trials"]:
+                self.records[record["id"]] = record
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment and brings them back on restore.
+        return {k: v for k, v in self.__dict__.items() if k not in ("records", "start")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._load()
+
+    def record(self, trial_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        return self.records.setdefault(
+            trial_id,
+            {
+                "id": trial_id,
+                "params": params,
+                "status": "running",
+                "metrics": {},
+                "samples_seen": 0,
+                "best_metrics": {},
+                "checkpoint": None,
+                "error": None,
+            },
+        )
+
+    def on_start(self, trial_id: str, params: dict[str, Any]) -> None:
+        self.record(trial_id, params)["status"] = "running"
+        self.save()
+        self.say(f"{self._clock()} trial {trial_id} started  {_format_params(params)}")
+
+    def on_result(self, trial_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        record = self.record(trial_id, params)
+        if result.get("diverged"):
+            record["samples_seen"] = result.get("samples_seen", record["samples_seen"])
+            return
+        metrics = {k: v for k, v in result.items() if k in _metric_keys()}
+        record.update(metrics=metrics, samples_seen=result["samples_seen"])
+        record["checkpoint"] = result.get("checkpoint_path") or record["checkpoint"]
+        if _better(self.mode, metrics[self.metric], record["best_metrics"].get(self.metric)):
+            record["best_metrics"] = {**metrics, "samples_seen": result["samples_seen"]}
+        self.save()
+        best = self.best()
+        best_value = best["best_metrics"][self.metric]
+        self.say(
+            f"{self._clock()} trial {trial_id} {result['samples_seen']:>9,} samples  "
+            f"{self.metric} {metrics[self.metric]:.4g}  | {self._counts()} | best {best_value:.4g} (trial {best['id']})"
+        )
+
+    def on_complete(self, trial_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
+        record = self.record(trial_id, params)
+        record["status"] = trial_status(result, self.budget)
+        if record["status"] == "diverged":
+            record["error"] = result.get("error")
+        self.save()
+        self.say(f"{self._clock()} trial {trial_id} {record['status'].replace('_', ' ')}  | {self._counts()}")
+
+    def on_error(self, trial_id: str, params: dict[str, Any], error: str) -> None:
+        record = self.record(trial_id, params)
+        record.update(status="failed", error=error)
+        self.save()
+        self.say(f"{self._clock()} trial {trial_id} failed: {error}  | {self._counts()}")
+
+    def best(self) -> dict[str, Any] | None:
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+    def ranked(self) -> list[dict[str, Any]]:
+        """Trials with results, best first (by their best evaluation of the search metric)."""
+        return [r for r in rank_records(list(self.records.values()), self.metric, self.mode) if r["best_metrics"]]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("running", *STATUSES), 0)
+        for record in self.records.values():
+            counts[record["status"]] += 1
+        return counts
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps({"trials": list(self.records.values())}, indent=2) + "\n")
+
+    def _counts(self) -> str:
+        c = self.counts()
+        return (
+            f"running {c['running']}, completed {c['completed']}, stopped early {c['stopped_early']}, "
+            f"failed {c['failed']}, diverged {c['diverged']}"
+        )
+
+    def _clock(self) -> str:
+        seconds = int(time.monotonic() - self.start)
+        return f"[{seconds // 60:3d}:{seconds % 60:02d}]"
+
+
+def _metric_keys() -> set[str]:
+    from posetune.metrics import METRIC_NAMES
+
+    return set(METRIC_NAMES)
+
+
+def _format_params(params: dict[str, Any]) -> str:
+    """optimizer.lr=0.00148 -> lr=0.00148 (the section is rarely needed to recognise a knob)."""
+    short = {k: k.rsplit(".", 1)[-1] for k in params}
+    if len(set(short.values())) < len(short):
+        short = {k: k for k in params}
+    return " ".join(f"{short[k]}={v:.3g}" if isinstance(v, float) else f"{short[k]}={v}" for k, v in params.items())
+
+
+class MonitorCallback(tune.Callback):
+    """Feeds Tune's trial events to a SearchMonitor."""
+
+    def __init__(self, monitor: SearchMonitor):
+        self.monitor = monitor
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.monitor.on_start(trial.trial_id, dict(trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.monitor.on_result(trial.trial_id, dict(trial.config), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.monitor.on_complete(trial.trial_id, dict(trial.config), trial.last_result or {})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.monitor.on_error(trial.trial_id, dict(trial.config), _first_error_line(trial))
+
+
+def _first_error_line(trial) -> str:
+    """The root cause of a failed trial, in one line (Ray wraps it several times)."""
+    try:
+        error = trial.get_error()
+    except Exception:
+        error = None
+    text = str(error or "unknown error")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    causes = [line for line in lines if "Error" in line.split(":", 1)[0] and ":" in line]
+    return (causes[-1] if causes else lines[-1] if lines else text)[:500]
+
+
+# --- The search ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchSummary:
+    experiment_dir: Path
+    records: list[dict[str, Any]]  # best first, then the ones without results
+    counts: dict[str, int]
+    seconds: float
+    metric: str
+    mode: str
+    best_config: Path | None
+    best_checkpoint: Path | None
+    interrupted: bool
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial-{trial.trial_id}"  # Tune's default embeds every parameter in the name
+
+
+def experiment_dir(space: SearchSpace) -> Path:
+    return Path(space.storage.path).resolve() / space.storage.name
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Trials run in other processes (and folders, and nodes): no relative paths."""
+    cfg = cfg.model_copy(deep=True)
+    if cfg.dataset.root and "://" not in cfg.dataset.root:
+        cfg.dataset.root = str(Path(cfg.dataset.root).resolve())
+    if cfg.dataset.cache_dir:
+        cfg.dataset.cache_dir = str(Path(cfg.dataset.cache_dir).resolve())
+    if cfg.model.pretrained_weights:
+        cfg.model.pretrained_weights = str(Path(cfg.model.pretrained_weights).resolve())
+    return cfg
+
+
+def ensure_dataset(space: SearchSpace, cfg: Config, say: Callable[[str], None]) -> int:
+    """Generate the synthetic set on first use; return the number of training samples."""
+    root = Path(cfg.dataset.root)
+    synthetic = space.base.synthetic
+    if synthetic and not (root / cfg.dataset.train_split).exists():
+        from posetune.synth import generate
+
+        say(f"generating a synthetic dataset in {root} ({synthetic.train} + {synthetic.val} frames)")
+        generate(
+            root,
+            {cfg.dataset.train_split: synthetic.train, cfg.dataset.val_split: synthetic.val},
+            seed=synthetic.seed,
+            overwrite=False,
+        )
+    index = read_split(root, cfg.dataset.train_split, cfg.estimator.label_name)
+    return len(index.head(cfg.train.sample_size))
+
+
+def _fingerprint(space: SearchSpace, base: Config) -> str:
+    blob = json.dumps(
+        {"space": space.model_dump(mode="json", exclude={"storage"}), "base": base.to_dict()}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -> list[str]:
+    """What --dry-run prints: the resolved space, the trial count and the resource plan."""
+    s, r = space.search, space.resources
+    lines = [f"search space ({len(space.parameters)} parameters):"]
+    width = max(len(k) for k in space.parameters)
+    lines += [f"  {key.ljust(width)}  {describe_parameter(p)}" for key, p in space.parameters.items()]
+    if EFFECTIVE_BATCH in space.parameters:
+        lines.append(f"  ({EFFECTIVE_BATCH} = batch_size x accumulation_steps x workers; accumulation is derived)")
+    lines += [
+        f"base: backbone {base.model.backbone}, image {base.dataset.image_scale}, data {base.dataset.root}",
+        f"trials: {s.num_samples} ({s.searcher} searcher, seed {s.seed}, {len(s.points_to_evaluate)} initial point(s))",
+        f"objective: {s.resolved_mode} {s.metric}",
+        f"ASHA on samples seen: budget {s.asha.max_samples:,}, grace {s.asha.grace_samples:,}, "
+        f"reduction factor {s.asha.reduction_factor:g}",
+        f"per trial: {r.workers_per_trial} worker(s) x {r.cpus_per_worker:g} CPU"
+        + (f" x {plan.gpus_per_worker:g} GPU" if plan and plan.use_gpu else ""),
+    ]
+    if plan:
+        lines.append(f"cluster: {plan.cluster_cpus:g} CPUs, {plan.cluster_gpus:g} GPUs -> {plan.note}")
+    lines.append(f"experiment folder: {experiment_dir(space)}")
+    return lines
+
+
+def run_search(
+    space: SearchSpace,
+    base: Config,
+    *,
+    resume: bool = False,
+    say: Callable[[str], None] = print,
+) -> SearchSummary:
+    """Run (or resume) the search; return its summary. The caller prints it."""
+    folder = experiment_dir(space)
+    base = absolute_paths(base)
+    fingerprint = _fingerprint(space, base)
+    _check_experiment_folder(folder, space, fingerprint, resume)
+    train_size = ensure_dataset(space, base, say)
+
+    started_ray = connect_ray(space.resources.local_cpus)
+    try:
+        import ray
+
+        plan = plan_resources(space, ray.cluster_resources())
+        for line in describe_plan(space, base, plan):
+            say(line)
+        folder.mkdir(parents=True, exist_ok=True)
+        about = {"fingerprint": fingerprint, "metric": space.search.metric, "mode": space.search.resolved_mode}
+        write_text_atomic(folder / "search.json", json.dumps(about) + "\n")
+        setup = TrialSetup(space, base.to_dict(), train_size, plan.use_gpu, plan.gpus_per_worker, str(folder / "train"))
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
+        monitor = SearchMonitor(
+            folder / "results.json",
+            space.search.metric,
+            space.search.resolved_mode,
+            space.search.asha.max_samples,
+            say,
+        )
+        run_config = tune.RunConfig(
+            name=space.storage.name,
+            storage_path=str(folder.parent),
+            callbacks=[MonitorCallback(monitor)],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=1),  # a crashed trial driver is retried once
+        )
+        start = time.monotonic()
+        if resume:
+            say(f"resuming {folder}")
+            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric=space.search.metric,  # for ASHA; the searcher holds its own copy
+                    mode=space.search.resolved_mode,
+                    search_alg=build_searcher(space),
+                    scheduler=build_scheduler(space),
+                    num_samples=space.search.num_samples,
+                    max_concurrent_trials=plan.concurrency,
+                    trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=run_config,
+            )
+        interrupted = False
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            interrupted = True
+        monitor._load()  # after a restore, Tune's unpickled copy of the callback kept the records
+        interrupted = interrupted or monitor.counts()["running"] > 0
+        return _finish(space, setup, monitor, folder, time.monotonic() - start, interrupted)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _check_experiment_folder(folder: Path, space: SearchSpace, fingerprint: str, resume: bool) -> None:
+    exists = folder.exists() and tune.Tuner.can_restore(str(folder))
+    if resume and not exists:
+        raise PosetuneError(f"no search to resume at {folder} (storage.path / storage.name or --name)")
+    if not resume and exists:
+        raise PosetuneError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
+    if resume and (folder / "search.json").exists():
+        saved = json.loads((folder / "search.json").read_text())["fingerprint"]
+        if saved != fingerprint:
+            raise ConfigError(
+                f"the search space or base config changed since {folder} was started; "
+                "resume with the same file and overrides, or start a new search with --name"
+            )
+
+
+def _finish(space, setup, monitor: SearchMonitor, folder: Path, seconds: float, interrupted: bool) -> SearchSummary:
+    best = monitor.best()
+    best_config = best_checkpoint = None
+    if best and best["checkpoint"]:
+        cfg = build_trial_config(setup, best["params"])
+        cfg.system.out_dir = None
+        cfg.checkpoint.resume = None
+        cfg.system.progress = True
+        best_config = folder / "best_config.yaml"
+        write_text_atomic(best_config, cfg.to_yaml())
+        source = Path(best["checkpoint"]) / "best.pt"
+        if source.exists():
+            best_checkpoint = folder / "best" / "model.pt"
+            copy_atomic(source, best_checkpoint)
+    summary = SearchSummary(
+        folder,
+        rank_records(list(monitor.records.values()), monitor.metric, monitor.mode),
+        monitor.counts(),
+        seconds,
+        space.search.metric,
+        space.search.resolved_mode,
+        best_config,
+        best_checkpoint,
+        interrupted,
+    )
+    write_text_atomic(folder / "summary.txt", "\n".join(summary_lines(summary)) + "\n")
+    return summary
+
+
+def summary_lines(summary: SearchSummary, top: int = 10) -> list[str]:
+    """The final table: best trials first with parameters and metrics, counts, wall time."""
+    c = summary.counts
+    lines = [
+        f"{len(summary.records)} trials in {summary.seconds / 60:.1f} min: {c['completed']} completed, "
+        f"{c['stopped_early']} stopped early by ASHA, {c['failed']} failed, {c['diverged']} diverged"
+        + (f", {c['running']} unfinished" if c["running"] else ""),
+        "",
+    ]
+    lines += results_table(summary.records[:top], summary.metric)
+    if summary.best_config:
+        lines += [
+            "",
+            f"best config:     {summary.best_config}",
+            f"best checkpoint: {summary.best_checkpoint}",
+        ]
+    lines.append(f"results:         {summary.experiment_dir / 'results.json'}")
+    return lines
+
+
+def results_table(records: list[dict[str, Any]], metric: str) -> list[str]:
+    header = ["trial", "status", "samples", metric, "cm", "deg", "parameters"]
+    rows = []
+    for r in records:
+        best = r.get("best_metrics") or {}
+        rows.append(
+            [
+                r["id"],
+                r["status"],
+                f"{r['samples_seen']:,}",
+                _number(best.get(metric)),
+                _number(best.get("translation_error_cm")),
+                _number(best.get("orientation_error_deg")),
+                _format_params(r["params"]),
+            ]
+        )
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return out
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def load_results(name: str, storage_path: str) -> tuple[dict[str, Any], str, str]:
+    """(results.json, metric, mode) of a stored search; nothing is run."""
+    folder = Path(storage_path).resolve() / name
+    if not (folder / "results.json").exists():
+        raise PosetuneError(f"no results for a search named {name!r} in {folder.parent} (set storage.path=...)")
+    about = json.loads((folder / "search.json").read_text())
+    return json.loads((folder / "results.json").read_text()), about["metric"], about["mode"]
+
+
+def rank_records(records: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Best first (by each trial's best evaluation); trials without results last."""
+    scored = [r for r in records if metric in (r.get("best_metrics") or {})]
+    scored.sort(key=lambda r: r["best_metrics"][metric], reverse=mode == "max")
+    return scored + [r for r in records if r not in scored]

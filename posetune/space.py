@@ -1,0 +1,421 @@
+"""Search-space files (`search_spaces/*.yaml`): schema, validation, sampling, trial configs.
+
+A file has five sections (documented in search_spaces/README.md):
+
+    base:        the config file and overrides every trial starts from (+ optional synthetic data)
+    parameters:  dotted config keys -> distributions (loguniform, uniform, int, choice, fixed),
+                 optionally conditional (`when: {other.key: value}`); the pseudo-parameter
+                 `effective_batch` searches batch_size x accumulation_steps x workers directly
+    search:      metric, mode, num_samples, concurrency, seed, searcher, initial points, ASHA
+    resources:   workers per trial, CPUs and GPUs per worker
+    storage:     experiment name, folder, checkpoints kept per trial
+
+Everything is validated before Ray starts, and every problem is reported at once with its key
+path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from posetune.config import (
+    Config,
+    closest_key,
+    config_keys,
+    load_config,
+    parse_override,
+    read_yaml_mapping,
+)
+from posetune.errors import ConfigError
+from posetune.metrics import METRIC_NAMES, metric_mode
+
+EFFECTIVE_BATCH = "effective_batch"  # pseudo-parameter: samples per optimizer step
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "fixed")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Parameter(_Strict):
+    distribution: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    values: list[Any] | None = None
+    value: Any = None
+    when: dict[str, Any] | None = None  # sampled only when these parameters have these values
+
+    def candidates(self) -> list[Any]:
+        """Values that bound what this parameter can take (to validate against the config)."""
+        if self.distribution == "choice":
+            return list(self.values or [])
+        if self.distribution == "fixed":
+            return [self.value]
+        if self.distribution == "int":
+            return [int(self.low), int(self.high)]
+        return [self.low, self.high]
+
+
+class Synthetic(_Strict):
+    """Generate dataset.root with `posetune data synth` when it does not exist yet."""
+
+    train: int = Field(2000, gt=0)
+    val: int = Field(300, gt=0)
+    seed: int = 0
+
+
+class Base(_Strict):
+    config: str | None = None  # relative to the search-space file
+    overrides: dict[str, Any] = Field(default_factory=dict)  # dotted config keys -> values
+    synthetic: Synthetic | None = None
+
+
+class Asha(_Strict):
+    """ASHA on training samples seen, so trials with different batch sizes get equal compute."""
+
+    max_samples: int = Field(gt=0)  # budget of a trial that is never stopped
+    grace_samples: int = Field(gt=0)  # no trial is stopped before this
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+class SearchSettings(_Strict):
+    metric: str = "pose_error"
+    mode: Literal["min", "max"] | None = None  # default: the metric's natural direction
+    num_samples: int = Field(8, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster fits
+    seed: int = 0
+    searcher: Literal["tpe", "random"] = "tpe"
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    asha: Asha
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or metric_mode(self.metric)
+
+
+class Resources(_Strict):
+    workers_per_trial: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float | Literal["auto"] = "auto"  # auto: 1 when the cluster has GPUs
+    local_cpus: int | None = Field(None, gt=0)  # CPUs of a Ray instance posetune starts itself; None = all
+
+
+class Storage(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    path: str = "runs/search"  # local folder (relative to the working directory)
+    keep_checkpoints: int = Field(2, gt=0)  # per trial; each holds last.pt and the trial's best.pt
+
+
+class SearchSpace(_Strict):
+    base: Base = Field(default_factory=Base)
+    parameters: dict[str, Parameter]
+    search: SearchSettings
+    resources: Resources = Field(default_factory=Resources)
+    storage: Storage
+
+
+# --- Loading and validation ---------------------------------------------------------------------
+
+SPACE_SECTIONS = ("base", "parameters", "search", "resources", "storage")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line overrides: (search-file ones like search.num_samples=4, config ones)."""
+    space, config = [], []
+    for text in overrides:
+        (space if text.split(".", 1)[0] in SPACE_SECTIONS else config).append(text)
+    return space, config
+
+
+def load_space(path: str | Path, overrides: list[str] = (), name: str | None = None) -> tuple[SearchSpace, Config]:
+    """Parse and validate a search-space file; return it with the resolved base config.
+
+    `overrides` may set search-file keys (search.num_samples=4) or base config keys
+    (train.epochs=3); `name` replaces storage.name. Raises one ConfigError listing every problem.
+    """
+    path = Path(path)
+    raw = read_yaml_mapping(path, "search space")
+    space_overrides, config_overrides = split_overrides(list(overrides))
+    for text in space_overrides:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    if name is not None:
+        raw.setdefault("storage", {})["name"] = name
+    problems: list[str] = []
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid search space {path}:\n  " + "\n  ".join(_pydantic_problems(exc, raw))) from None
+    base_cfg = _check_base(space, path, config_overrides, problems)
+    _check_parameters(space, base_cfg, problems)
+    _check_search(space, problems)
+    if problems:
+        raise ConfigError(f"invalid search space {path}:\n  " + "\n  ".join(problems))
+    return space, base_cfg
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """search.asha.max_samples=10 -> tree['search']['asha']['max_samples'] = 10.
+    Under `parameters` the rest of the key is a (dotted) config key."""
+    section, _, rest = dotted.partition(".")
+    if section == "parameters":
+        key, _, field = rest.rpartition(".")
+        tree.setdefault("parameters", {}).setdefault(key, {})[field] = value
+        return
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _pydantic_problems(exc: ValidationError, raw: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden":
+            section = ".".join(str(p) for p in error["loc"][:-1])
+            allowed = _allowed_fields(error["loc"][:-1])
+            hint = closest_key(str(error["loc"][-1]), allowed) if allowed else None
+            suggestion = f"; did you mean {hint}?" if hint else f"; allowed: {', '.join(allowed)}"
+            problems.append(f"{key}: unknown key in {section or 'the file'}{suggestion}")
+        elif error["type"] == "missing":
+            problems.append(f"{key}: required")
+        else:
+            problems.append(f"{key} = {error.get('input')!r}: {error['msg'][0].lower()}{error['msg'][1:]}")
+    return problems
+
+
+def _allowed_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = SearchSpace
+    for part in loc:
+        if model is SearchSpace and part == "parameters":
+            return []
+        if isinstance(part, str) and part in model.model_fields:
+            annotation = model.model_fields[part].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else Parameter
+        elif model is SearchSpace or isinstance(part, int):
+            continue
+    return list(model.model_fields)
+
+
+def _check_base(space: SearchSpace, path: Path, config_overrides: list[str], problems: list[str]) -> Config | None:
+    """The base config: file (relative to the space file) < base.overrides < command line."""
+    config_path = None
+    if space.base.config:
+        config_path = (path.parent / space.base.config).resolve()
+        if not config_path.is_file():
+            problems.append(f"base.config: {space.base.config} not found (looked at {config_path})")
+            return None
+    overrides = [f"{k}={_yaml_scalar(v)}" for k, v in space.base.overrides.items()] + config_overrides
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        problems += [f"base: {line.strip()}" for line in str(exc).splitlines()[1:]]
+        return None
+    if cfg.dataset.root is None:
+        problems.append("base.overrides: dataset.root is not set (the dataset every trial trains on)")
+    elif space.base.synthetic is None and not Path(cfg.dataset.root).exists():
+        problems.append(
+            f"dataset.root = {cfg.dataset.root!r} does not exist; create it (posetune data synth) "
+            "or add base.synthetic to generate it on first use"
+        )
+    return cfg
+
+
+def _yaml_scalar(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _check_parameters(space: SearchSpace, base_cfg: Config | None, problems: list[str]) -> None:
+    valid = set(config_keys())
+    declared: dict[str, Parameter] = {}
+    for key, p in space.parameters.items():
+        where = f"parameters.{key}"
+        if key != EFFECTIVE_BATCH and key not in valid:
+            hint = closest_key(key, valid)
+            problems.append(f"{where}: unknown config key{f'; did you mean {hint}?' if hint else ''}")
+            continue
+        problems += [f"{where}: {message}" for message in _distribution_problems(p)]
+        problems += _condition_problems(where, p, declared)
+        declared[key] = p
+        if base_cfg is not None and key != EFFECTIVE_BATCH and not _distribution_problems(p):
+            for value in p.candidates():
+                try:
+                    load_config(base=base_cfg.to_dict(), overrides=[f"{key}={_yaml_scalar(value)}"], environ={})
+                except ConfigError as exc:
+                    detail = str(exc).splitlines()[-1].strip().split(": ", 1)[-1]
+                    problems.append(f"{where}: value {value!r} is not allowed: {detail}")
+    if EFFECTIVE_BATCH in declared:
+        _check_effective_batch(space, declared, problems)
+
+
+def _distribution_problems(p: Parameter) -> list[str]:
+    kind, low, high = p.distribution, p.low, p.high
+    if kind not in DISTRIBUTIONS:
+        return [f"distribution = {kind!r} is not known; choose one of: {', '.join(DISTRIBUTIONS)}"]
+    if kind == "choice":
+        if not p.values:
+            return ["choice needs a non-empty `values` list"]
+        bad = [v for v in p.values if not isinstance(v, (str, int, float, bool, type(None)))]
+        return [f"choice values must be scalars (str, number, bool, null), got {bad[0]!r}"] if bad else []
+    if kind == "fixed":
+        return [] if "value" in p.model_fields_set else ["fixed needs a `value`"]
+    problems = []
+    if low is None or high is None:
+        return [f"{kind} needs `low` and `high`"]
+    if low >= high:
+        problems.append(f"low must be < high, got low={low:g} high={high:g}")
+    if (kind == "loguniform" or p.log) and low <= 0:
+        problems.append(f"a log distribution needs low > 0, got low={low:g}")
+    if kind == "int":
+        if low != int(low) or high != int(high):
+            problems.append(f"int bounds must be whole numbers, got low={low:g} high={high:g}")
+        if p.step is not None and (p.step < 1 or p.step != int(p.step)):
+            problems.append(f"int step must be a whole number >= 1, got {p.step:g}")
+        if p.log and p.step not in (None, 1):
+            problems.append("int with log: true cannot have a step other than 1")
+    elif p.step is not None and (p.step <= 0 or kind == "loguniform"):
+        problems.append(f"step must be > 0 and is only allowed for uniform and int, got {p.step:g}")
+    return problems
+
+
+def _condition_problems(where: str, p: Parameter, declared: Mapping[str, Parameter]) -> list[str]:
+    problems = []
+    for key, value in (p.when or {}).items():
+        if key not in declared:
+            problems.append(f"{where}.when: {key} must be a parameter declared before {where.split('.', 1)[1]}")
+        elif declared[key].distribution in ("choice", "fixed") and value not in declared[key].candidates():
+            problems.append(
+                f"{where}.when: {key} never takes the value {value!r} (it takes {declared[key].candidates()})"
+            )
+    return problems
+
+
+def _check_effective_batch(space: SearchSpace, declared: Mapping[str, Parameter], problems: list[str]) -> None:
+    if "train.accumulation_steps" in declared:
+        problems.append("parameters.train.accumulation_steps: derived from effective_batch; declare only one of them")
+    p = declared[EFFECTIVE_BATCH]
+    if p.distribution not in ("int", "choice", "fixed"):
+        problems.append(
+            f"parameters.effective_batch: must be an int, choice or fixed distribution, got {p.distribution}"
+        )
+        return
+    batch = declared.get("train.batch_size")
+    largest_batch = max(batch.candidates()) if batch else None
+    if largest_batch and largest_batch * space.resources.workers_per_trial > max(p.candidates()):
+        problems.append(
+            f"parameters.effective_batch: its largest value {max(p.candidates())} is below train.batch_size "
+            f"{largest_batch} x {space.resources.workers_per_trial} worker(s)"
+        )
+
+
+def _check_search(space: SearchSpace, problems: list[str]) -> None:
+    s = space.search
+    if s.metric not in METRIC_NAMES:
+        hint = closest_key(s.metric, METRIC_NAMES)
+        problems.append(
+            f"search.metric = {s.metric!r} is not a metric; {f'did you mean {hint}? ' if hint else ''}"
+            f"choose one of: {', '.join(METRIC_NAMES)}"
+        )
+    if s.asha.grace_samples > s.asha.max_samples:
+        problems.append(
+            f"search.asha.grace_samples = {s.asha.grace_samples} must be <= max_samples ({s.asha.max_samples})"
+        )
+    for n, point in enumerate(s.points_to_evaluate):
+        for key, value in point.items():
+            p = space.parameters.get(key)
+            if p is None:
+                problems.append(f"search.points_to_evaluate[{n}].{key}: not a declared parameter")
+            elif not _within(p, value):
+                problems.append(f"search.points_to_evaluate[{n}].{key} = {value!r} is outside its distribution")
+
+
+def _within(p: Parameter, value: Any) -> bool:
+    if p.distribution in ("choice", "fixed"):
+        return value in p.candidates()
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
+
+
+# --- Sampling -----------------------------------------------------------------------------------
+
+
+class DefineByRun:
+    """An Optuna define-by-run space: conditional parameters are only suggested when their
+    condition holds; fixed parameters are returned as constants. A class, not a closure,
+    because Ray pickles the searcher (and this with it) to resume a search."""
+
+    def __init__(self, space: SearchSpace):
+        self.parameters = space.parameters
+
+    def __call__(self, trial) -> dict[str, Any] | None:
+        taken: dict[str, Any] = {}
+        constants: dict[str, Any] = {}
+        for key, p in self.parameters.items():
+            if any(taken.get(k) != v for k, v in (p.when or {}).items()):
+                continue
+            if p.distribution == "fixed":
+                taken[key] = constants[key] = p.value
+            else:
+                taken[key] = _suggest(trial, key, p)
+        return constants or None
+
+
+def _suggest(trial, key: str, p: Parameter) -> Any:
+    if p.distribution == "loguniform":
+        return trial.suggest_float(key, p.low, p.high, log=True)
+    if p.distribution == "uniform":
+        return trial.suggest_float(key, p.low, p.high, step=p.step)
+    if p.distribution == "int":
+        return trial.suggest_int(key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_categorical(key, p.values)
+
+
+def accumulation_for(effective: int, batch_size: int, workers: int, bounds: tuple[int, int]) -> int:
+    """Accumulation steps whose effective batch (batch x steps x workers) is nearest `effective`
+    while staying inside `bounds` when any multiple of batch x workers fits there."""
+    per_step = batch_size * workers
+    low, high = bounds
+    steps = max(1, round(effective / per_step))
+    if steps * per_step > high and steps > 1:
+        steps = max(1, high // per_step)
+    if steps * per_step < low and (steps + 1) * per_step <= high:
+        steps = math.ceil(low / per_step)
+    return steps
+
+
+def trial_config(space: SearchSpace, base_cfg: Config, params: Mapping[str, Any]) -> Config:
+    """The Config one trial trains with: base + sampled parameters (+ derived accumulation)."""
+    values = {k: v for k, v in params.items() if k != EFFECTIVE_BATCH}
+    if EFFECTIVE_BATCH in params:
+        batch = values.get("train.batch_size", base_cfg.train.batch_size)
+        p = space.parameters[EFFECTIVE_BATCH]
+        bounds = (int(min(p.candidates())), int(max(p.candidates())))
+        values["train.accumulation_steps"] = accumulation_for(
+            int(params[EFFECTIVE_BATCH]), batch, space.resources.workers_per_trial, bounds
+        )
+    overrides = [f"{k}={_yaml_scalar(v)}" for k, v in values.items()]
+    return load_config(base=base_cfg.to_dict(), overrides=overrides, environ={})
+
+
+def describe_parameter(p: Parameter) -> str:
+    if p.distribution == "choice":
+        text = f"choice {p.values}"
+    elif p.distribution == "fixed":
+        text = f"fixed {p.value!r}"
+    else:
+        text = f"{p.distribution} [{p.low:g}, {p.high:g}]"
+        text += f" step {p.step:g}" if p.step else ""
+        text += " log" if p.log and p.distribution == "int" else ""
+    if p.when:
+        text += "  when " + ", ".join(f"{k}={v}" for k, v in p.when.items())
+    return text

@@ -1,0 +1,132 @@
+"""One search trial: a Ray Tune function that fits a Ray Train ``TorchTrainer``.
+
+Tune calls ``run_trial`` (the trial driver; it holds only a sliver of a CPU). It builds the
+trial's Config and a TorchTrainer whose workers run ``train_worker``: ``posetune.train.fit``
+with Ray Train's rank, world size and device (Ray Train sets up torch.distributed, so DDP and
+the distributed sampler follow). At every evaluation each rank reports the metrics and
+samples seen; rank 0 attaches the run's checkpoint folder (last.pt plus the trial's best.pt).
+
+Failures: a worker that dies is restarted by Ray Train from the latest reported checkpoint
+(``FailureConfig.max_failures``); a worker group that cannot start is retried a bounded number
+of times and then fails the trial with Ray's message, rather than waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posetune.config import Config, config_from_dict
+from posetune.metrics import metric_mode
+from posetune.space import SearchSpace, trial_config
+from posetune.train import TrainingDiverged, fit
+
+TRIAL_DRIVER_CPUS = 0.01  # the driver only waits on its workers; Ray rejects a zero request
+WORKER_RESTARTS = 2  # per trial, from the latest checkpoint
+CONTROLLER_RETRIES = 2  # worker-group start failures (e.g. resources never free) before giving up
+
+
+@dataclass
+class TrialSetup:
+    """What every trial driver needs besides its sampled parameters (pickled once by Ray)."""
+
+    space: SearchSpace
+    base: dict[str, Any]  # the base config, paths made absolute
+    train_size: int  # training samples, to turn the sample budget into epochs
+    use_gpu: bool
+    gpus_per_worker: float
+    train_storage: str  # where Ray Train keeps each trial's checkpoints
+
+
+def epochs_for_budget(cfg: Config, train_size: int, workers: int, max_samples: int) -> int:
+    """Enough epochs for the ASHA budget: a trial that is never stopped sees max_samples."""
+    per_epoch = (train_size // (cfg.train.batch_size * workers)) * cfg.train.batch_size * workers
+    return max(1, math.ceil(max_samples / max(1, per_epoch)))
+
+
+def build_trial_config(setup: TrialSetup, params: dict[str, Any]) -> Config:
+    cfg = trial_config(setup.space, config_from_dict(setup.base), params)
+    workers = setup.space.resources.workers_per_trial
+    cfg.train.epochs = epochs_for_budget(cfg, setup.train_size, workers, setup.space.search.asha.max_samples)
+    cfg.system.progress = False
+    return cfg
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable: fit this trial's TorchTrainer (Ray Train V2 pattern)."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = build_trial_config(setup, params)
+    resources = setup.space.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if setup.use_gpu:
+        per_worker["GPU"] = setup.gpus_per_worker
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "metric": setup.space.search.metric},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers_per_trial, use_gpu=setup.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            # One name per trial: a restarted trial finds and resumes its own Train run.
+            name=ray.tune.get_context().get_trial_id(),
+            storage_path=setup.train_storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=setup.space.storage.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(
+                max_failures=WORKER_RESTARTS, controller_failure_limit=CONTROLLER_RETRIES
+            ),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the search prints progress
+        ),
+    )
+    trainer.fit()
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: fit() on this rank, reporting every evaluation to Ray."""
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("posetune").setLevel(logging.WARNING)  # the driver prints progress
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    cfg = config_from_dict(loop_config["config"])
+    scratch = Path(tempfile.mkdtemp(prefix="posetune-trial-"))
+    cfg.system.out_dir = str(scratch / "run")
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a restarted worker group: continue from the latest report
+        local = scratch / "run" / "checkpoints"
+        with checkpoint.as_directory() as folder:
+            shutil.copytree(folder, local)
+        cfg.checkpoint.resume = str(local / "last.pt")
+
+    def report(evaluation) -> None:
+        metrics = {**evaluation.metrics, "samples_seen": evaluation.samples_seen, "epoch": evaluation.epoch}
+        attached = ray.train.Checkpoint.from_directory(evaluation.checkpoint_dir) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=attached)
+
+    try:
+        fit(
+            cfg,
+            device=ray.train.torch.get_device(),
+            rank=rank,
+            world_size=world_size,
+            on_evaluation=report,
+            progress=False,
+        )
+    except TrainingDiverged as exc:
+        # Every rank detects divergence at the same step (it is all-reduced), so every rank
+        # reports once more; Tune sees `diverged` and the searcher is told the trial failed.
+        metric = loop_config["metric"]
+        worst = -math.inf if metric_mode(metric) == "max" else math.inf
+        ray.train.report({"diverged": 1, "error": str(exc), metric: worst, "samples_seen": exc.samples_seen})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
