@@ -7,7 +7,7 @@ told to Optuna as PRUNED (see ``BudgetAwareOptunaSearch``), never as a finished 
 under-trained score.
 
 Experiment folder ``<storage.path>/<storage.name>/``:
-    (Ray Tune's experiment state and trial folders)
+    tune/                   Ray Tune's experiment state and trial folders
     train/<trial id>/       Ray Train runs: each trial's checkpoints (last.pt + its best.pt)
     search.json             what was searched (to refuse a --resume with a different space)
     results.json            {"trials": [...]}, updated live
@@ -43,6 +43,9 @@ from posetune.trial import TRIAL_DRIVER_CPUS, TrialSetup, build_trial_config, ru
 log = logging.getLogger(__name__)
 
 STATUSES = ("completed", "stopped_early", "failed", "diverged")
+# Tune's experiment lives in its own subfolder: on a resume Tune downloads that folder and
+# syncs it back at every checkpoint, which would overwrite live files kept beside its own.
+TUNE_FOLDER = "tune"
 
 
 # --- Resources --------------------------------------------------------------------------------
@@ -460,8 +463,8 @@ def run_search(
             say,
         )
         run_config = tune.RunConfig(
-            name=space.storage.name,
-            storage_path=str(folder.parent),
+            name=TUNE_FOLDER,
+            storage_path=str(folder),
             callbacks=[MonitorCallback(monitor)],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=1),  # a crashed trial driver is retried once
@@ -469,7 +472,9 @@ def run_search(
         start = time.monotonic()
         if resume:
             say(f"resuming {folder}")
-            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(
+                str(folder / TUNE_FOLDER), trainable, resume_unfinished=True, resume_errored=True
+            )
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -500,7 +505,7 @@ def run_search(
 
 
 def _check_experiment_folder(folder: Path, space: SearchSpace, fingerprint: str, resume: bool) -> None:
-    exists = folder.exists() and tune.Tuner.can_restore(str(folder))
+    exists = (folder / TUNE_FOLDER).exists() and tune.Tuner.can_restore(str(folder / TUNE_FOLDER))
     if resume and not exists:
         raise PosetuneError(f"no search to resume at {folder} (storage.path / storage.name or --name)")
     if not resume and exists:

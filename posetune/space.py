@@ -311,6 +311,8 @@ def _check_effective_batch(space: SearchSpace, declared: Mapping[str, Parameter]
         )
         return
     batch = declared.get("train.batch_size")
+    if _distribution_problems(p) or (batch and _distribution_problems(batch)):
+        return  # already reported
     largest_batch = max(batch.candidates()) if batch else None
     if largest_batch and largest_batch * space.resources.workers_per_trial > max(p.candidates()):
         problems.append(

@@ -95,7 +95,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    logging.getLogger("posetune").setLevel(logging.WARNING)  # the driver prints progress
+    # The driver prints progress. Ray Train logs every report at INFO through a logger named
+    # after its source file, which its LoggingConfig does not reach: quiet the root logger.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("posetune").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     cfg = config_from_dict(loop_config["config"])

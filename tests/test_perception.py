@@ -4,11 +4,12 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import legacy_capture, legacy_value, write_legacy, write_png, write_solo
 
 from posetune.data import decode_image
 from posetune.errors import DataError
 from posetune.perception import read_split
+
+from conftest import legacy_capture, legacy_value, write_legacy, write_png, write_solo
 
 Q90 = (0.0, 0.7071068, 0.0, 0.7071068)
 

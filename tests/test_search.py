@@ -1,0 +1,154 @@
+"""posetune search against a real local Ray instance (started here with explicit CPUs)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+
+import pytest
+
+from posetune import cli
+from posetune.search import plan_resources, run_search
+from posetune.space import load_space
+
+from search_helpers import read_results, tiny_space, wait_for
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+def test_connects_to_the_running_cluster(ray_cluster):
+    from ray._private.services import find_gcs_addresses  # private API posetune relies on
+
+    assert find_gcs_addresses()
+    assert ray_cluster.cluster_resources()["CPU"] == 2
+
+
+def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys):
+    space, base = load_space(tiny_space(tmp_path, synth_small))
+    lines: list[str] = []
+    summary = run_search(space, base, say=lines.append)
+
+    records = read_results(tmp_path)
+    assert len(records) == 4 and not summary.interrupted
+    statuses = [r["status"] for r in records]
+    assert set(statuses) <= {"completed", "stopped_early"}
+    assert statuses.count("stopped_early") >= 1 and statuses.count("completed") >= 1
+    for r in records:  # every trial's metrics reached Tune
+        assert r["samples_seen"] >= 96 and "pose_error" in r["metrics"] and "orientation_error_deg" in r["metrics"]
+        assert (r["status"] == "completed") == (r["samples_seen"] >= 384)
+    assert any("stopped early" in line for line in lines) and any("best " in line for line in lines)
+
+    # ASHA-stopped trials were told to Optuna as PRUNED, the others as COMPLETE.
+    state_file = next((tmp_path / "runs" / "t" / "tune").glob("searcher-state-*.pkl"))
+    study = pickle.loads(state_file.read_bytes())["_ot_study"]
+    told = sorted(t.state.name for t in study.trials)
+    assert told.count("PRUNED") == statuses.count("stopped_early")
+    assert told.count("COMPLETE") == statuses.count("completed")
+
+    # Exports: the best config trains, the best checkpoint evaluates.
+    folder = tmp_path / "runs" / "t"
+    assert summary.best_config == folder / "best_config.yaml" and (folder / "best" / "model.pt").exists()
+    assert (folder / "summary.txt").read_text().startswith("4 trials in")
+    assert (
+        cli.main(
+            ["train", "--config", str(summary.best_config), "train.epochs=1", f"system.out_dir={tmp_path / 'retrain'}"]
+        )
+        == 0
+    )
+    assert (tmp_path / "retrain" / "checkpoints" / "best.pt").exists()
+    assert cli.main(["evaluate", "--checkpoint", str(folder / "best" / "model.pt")]) == 0
+
+    capsys.readouterr()
+    assert cli.main(["results", "t", "--json", f"storage.path={tmp_path / 'runs'}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [t["id"] for t in printed["trials"]] == [r["id"] for r in records]
+    assert set(printed["trials"][0]) >= {"id", "params", "status", "metrics", "samples_seen"}
+    assert cli.main(["results", "t", f"storage.path={tmp_path / 'runs'}"]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:4] == ["trial", "status", "samples", "pose_error"]
+    assert cli.main(["results", "nope", f"storage.path={tmp_path / 'runs'}"]) == 2
+
+
+def test_two_worker_trial_trains_with_ddp(ray_cluster, synth_small, tmp_path):
+    path = tiny_space(
+        tmp_path,
+        synth_small,
+        name="ddp",
+        resources__workers_per_trial=2,
+        search__num_samples=1,
+        search__points_to_evaluate=[],
+    )
+    space, base = load_space(path)
+    run_search(space, base, say=lambda line: None)
+    (record,) = read_results(tmp_path, "ddp")
+    assert record["status"] == "completed", record
+    # 2 ranks x 16 per step: 96 frames give 3 steps (96 samples) per epoch, 4 epochs.
+    assert record["samples_seen"] == 384 and record["metrics"]["translation_error_cm"] > 0
+
+
+def test_worker_killed_mid_trial_resumes_from_its_checkpoint(ray_cluster, synth_small, tmp_path):
+    import psutil
+
+    path = tiny_space(
+        tmp_path,
+        synth_small,
+        name="kill",
+        search__num_samples=1,
+        search__points_to_evaluate=[],
+        search__asha={"max_samples": 768, "grace_samples": 96, "reduction_factor": 2},
+    )
+    space, base = load_space(path)
+    killed: list[int] = []
+
+    def kill_worker_after_two_reports():
+        def reported_twice():
+            records = read_results(tmp_path, "kill")
+            return records and records[0]["samples_seen"] >= 192
+
+        wait_for(reported_twice, 300, "two evaluations")
+        for process in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                process.kill()
+                killed.append(process.pid)
+
+    killer = threading.Thread(target=kill_worker_after_two_reports, daemon=True)
+    killer.start()
+    run_search(space, base, say=lambda line: None)
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    (record,) = read_results(tmp_path, "kill")
+    assert record["status"] == "completed" and record["samples_seen"] == 768
+    # Tune's record of the trial: samples seen only ever grow, so the restarted worker
+    # continued from its checkpoint instead of starting over.
+    trial_dir = next((tmp_path / "runs" / "kill" / "tune").glob("trial-*"))
+    seen = [json.loads(line)["samples_seen"] for line in (trial_dir / "result.json").read_text().splitlines()]
+    assert seen == sorted(set(seen)) and seen[-1] == 768, seen
+
+
+def test_resource_plan():
+    space, _ = load_space("search_spaces/quick.yaml")
+    assert plan_resources(space, {"CPU": 2}).concurrency == 2
+    assert plan_resources(space, {"CPU": 16}).concurrency == 8  # never more than num_samples
+    default, _ = load_space("search_spaces/default.yaml")
+    plan = plan_resources(default, {"CPU": 48, "GPU": 4})
+    assert plan.use_gpu and plan.concurrency == 4
+    assert not plan_resources(default, {"CPU": 48}).use_gpu
+    from posetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"one trial needs 6\.01 CPUs .* the cluster has 2 CPUs"):
+        plan_resources(default, {"CPU": 2})
