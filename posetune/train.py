@@ -267,6 +267,8 @@ class Evaluation:
     is_best: bool
     checkpoint_dir: Path  # holds last.pt (and best.pt); written by rank 0 before the call
     out_dir: Path
+    train_loss: float
+    train_images_per_s: float  # the last epoch's training throughput, all ranks together
 
 
 @dataclass
@@ -423,7 +425,7 @@ def fit(
         epoch_start = time.perf_counter()
         loss = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, rt, cfg, state, lr_for_step, progress)
         state.epoch += 1
-        seconds = time.perf_counter() - epoch_start
+        throughput = len(train_loader) * cfg.train.batch_size * world_size / (time.perf_counter() - epoch_start)
         if rank == 0:
             log.info(
                 "epoch %d/%d  loss %.5f  lr %.2e  %.0f img/s",
@@ -431,7 +433,7 @@ def fit(
                 cfg.train.epochs,
                 loss,
                 lr_for_step(max(0, state.step - 1)),
-                len(train_loader) * cfg.train.batch_size * world_size / seconds,
+                throughput,
             )
         evaluating = state.epoch % cfg.val.eval_freq == 0 or state.epoch == cfg.train.epochs
         if not evaluating:
@@ -440,6 +442,7 @@ def fit(
             continue
         metrics = evaluate(model, val_set, cfg.val.batch_size, rt)
         record = {"epoch": state.epoch, "samples_seen": state.samples_seen, "train_loss": loss, **metrics}
+        record["train_images_per_s"] = throughput  # this epoch's training throughput, all ranks
         is_best = _is_better(metrics[cfg.checkpoint.monitor], state.best, cfg.checkpoint.monitor)
         state.history.append(record)
         state.best = record if is_best else state.best
@@ -453,7 +456,9 @@ def fit(
                 out_dir / "metrics.json", json.dumps({"history": state.history, "best": state.best}, indent=2)
             )
         if on_evaluation:
-            on_evaluation(Evaluation(state.epoch, state.samples_seen, metrics, is_best, checkpoints, out_dir))
+            on_evaluation(
+                Evaluation(state.epoch, state.samples_seen, metrics, is_best, checkpoints, out_dir, loss, throughput)
+            )
     return FitResult(out_dir, state.best or {}, state.history)
 
 

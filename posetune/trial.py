@@ -112,7 +112,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         cfg.checkpoint.resume = str(local / "last.pt")
 
     def report(evaluation) -> None:
-        metrics = {**evaluation.metrics, "samples_seen": evaluation.samples_seen, "epoch": evaluation.epoch}
+        metrics = {
+            **evaluation.metrics,
+            "samples_seen": evaluation.samples_seen,
+            "epoch": evaluation.epoch,
+            "train_loss": evaluation.train_loss,
+            "train_images_per_s": evaluation.train_images_per_s,
+        }
         attached = ray.train.Checkpoint.from_directory(evaluation.checkpoint_dir) if rank == 0 else None
         ray.train.report(metrics, checkpoint=attached)
 

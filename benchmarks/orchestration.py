@@ -1,0 +1,144 @@
+"""Orchestration overhead: the same training once as `posetune train` and once as a one-trial search.
+
+    python benchmarks/orchestration.py [--frames 2000] [--epochs 6]
+
+Both runs use configs/quick.yaml on the same synthetic frames, the same image cache (built
+before timing) and 2 CPU threads: the plain run in this process, the trial in a Ray Train
+worker given 2 CPUs (Ray sets its thread count from that). Figures: each run's training
+throughput (mean over epochs 2..N, from the same `train_images_per_s` that fit() records),
+their ratio, each run's wall time and the difference, which is the search's start-up overhead
+(Ray, Tune, the Train worker group, checkpoint uploads). Writes benchmarks/results/orchestration.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from posetune.config import load_config
+from posetune.data import load_split
+from posetune.search import run_search
+from posetune.space import load_space
+from posetune.synth import generate
+from posetune.train import fit
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plain_run(cfg, folder: Path) -> tuple[float, float, int]:
+    """(training images/s over epochs 2..N, wall seconds, samples seen) of fit() in-process."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.system.out_dir = str(folder)
+    start = time.perf_counter()
+    result = fit(cfg, progress=False)
+    wall = time.perf_counter() - start
+    rate = statistics.mean(h["train_images_per_s"] for h in result.history[1:])
+    return rate, wall, result.history[-1]["samples_seen"]
+
+
+def search_run(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[float, float]:
+    """(training images/s over epochs 2..N, wall seconds) of the same training as a one-trial search."""
+    space = {
+        "base": {"config": str(REPO / "configs" / "quick.yaml"), "overrides": overrides},
+        "parameters": {"optimizer.lr": {"distribution": "fixed", "value": lr}},
+        "search": {"num_samples": 1, "asha": {"max_samples": samples, "grace_samples": samples}},
+        # 3 logical CPUs: the trial's 2-CPU worker plus its driver's sliver fit on a 2-core box.
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 2, "local_cpus": 3},
+        "storage": {"name": "bench", "path": str(folder)},
+    }
+    folder.mkdir(parents=True)
+    (folder / "space.yaml").write_text(yaml.safe_dump(space))
+    search_space, base = load_space(folder / "space.yaml")
+    start = time.perf_counter()
+    run_search(search_space, base, say=lambda line: None)
+    wall = time.perf_counter() - start
+    trial_dir = next((folder / "bench" / "tune").glob("trial-*"))
+    results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    return statistics.mean(r["train_images_per_s"] for r in results[1:]), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating plain/search pairs (default 3)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="posetune-orchestration-"))
+    rounds = []
+    try:
+        generate(work / "data", {"train": args.frames, "val": 200}, seed=0)
+        overrides = {
+            "dataset.root": str(work / "data"),
+            "dataset.cache_dir": str(work / "cache"),
+            "train.epochs": args.epochs,
+            "val.eval_freq": 1,
+            "system.progress": False,
+        }
+        cfg = load_config(REPO / "configs" / "quick.yaml", [f"{k}={v}" for k, v in overrides.items()], environ={})
+        load_split(cfg, "train"), load_split(cfg, "val")  # build the cache outside every timing
+        # Alternate the two so that drift on a shared host hits both alike.
+        for n in range(args.rounds):
+            plain_rate, plain_wall, samples = plain_run(cfg, work / f"plain-{n}")
+            trial_rate, search_wall = search_run(overrides, cfg.optimizer.lr, samples, work / f"search-{n}")
+            rounds.append(
+                {
+                    "plain_train_img_s": round(plain_rate, 1),
+                    "trial_train_img_s": round(trial_rate, 1),
+                    "plain_wall_s": round(plain_wall, 1),
+                    "search_wall_s": round(search_wall, 1),
+                    "throughput_ratio": round(trial_rate / plain_rate, 3),
+                }
+            )
+            print(rounds[-1], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    figures = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "frames": args.frames,
+        "epochs": args.epochs,
+        "rounds": rounds,
+        "median_throughput_ratio": round(median["throughput_ratio"], 3),
+        "median_plain_wall_s": median["plain_wall_s"],
+        "median_search_wall_s": median["search_wall_s"],
+        "wall_ratio": round(median["search_wall_s"] / median["plain_wall_s"], 2),
+        "startup_overhead_s": round(median["search_wall_s"] - median["plain_wall_s"], 1),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "orchestration.json").write_text(json.dumps(figures, indent=2) + "\n")
+    lines = [
+        f"Orchestration overhead (configs/quick.yaml, {args.frames} frames, {args.epochs} epochs, 2 threads each, "
+        f"{args.rounds} alternating rounds; {figures['machine']}):",
+        "",
+        "| round | `posetune train` img/s | one-trial search img/s | ratio | train wall (s) | search wall (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {n + 1} | {r['plain_train_img_s']} | {r['trial_train_img_s']} | {r['throughput_ratio']} "
+        f"| {r['plain_wall_s']} | {r['search_wall_s']} |"
+        for n, r in enumerate(rounds)
+    ]
+    lines += [
+        "",
+        f"Median trial / plain training throughput: **{figures['median_throughput_ratio']}x**; median wall time "
+        f"{figures['wall_ratio']}x, i.e. **{figures['startup_overhead_s']} s** of orchestration overhead "
+        "(Ray start, Tune, the Train worker group, checkpoint reports).",
+    ]
+    (RESULTS / "orchestration.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
