@@ -35,7 +35,7 @@ def load_checkpoint(uri: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {uri}: {exc}") from None
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # torch raises many types for truncated, foreign or corrupted files
         raise CheckpointError(f"checkpoint {uri} cannot be read: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{uri} is not a posetune checkpoint")

@@ -46,11 +46,26 @@ def _cell(value: object) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from posetune.config import load_config
-    from posetune.train import fit
+    from posetune.train import TrainingDiverged, default_out_dir, fit
 
     cfg = load_config(args.config, args.overrides)
+    cfg.system.out_dir = cfg.system.out_dir or str(default_out_dir())
+    tracker = None
+    if cfg.tracking.enabled:
+        from posetune.tracking import TrainTracker
+
+        tracker = TrainTracker(cfg)
+        tracker.start(Path(cfg.system.out_dir))  # a tracking problem stops us before training
     start = time.perf_counter()
-    result = fit(cfg)
+    try:
+        result = fit(cfg, on_evaluation=tracker.on_evaluation if tracker else None)
+    except BaseException as exc:
+        if tracker:
+            status = "diverged" if isinstance(exc, TrainingDiverged) else "failed"
+            _report_unlogged(tracker.finish(Path(cfg.system.out_dir), status, str(exc) or type(exc).__name__))
+        raise
+    if tracker:
+        _report_unlogged(tracker.finish(result.out_dir, "completed"))
     print(f"run folder: {result.out_dir}  ({time.perf_counter() - start:.0f} s)")
     if result.best:
         print(f"best evaluation (epoch {result.best['epoch']}):")
@@ -73,7 +88,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from posetune.inference import model_from_checkpoint, predict_images
 
-    model, cfg = model_from_checkpoint(args.checkpoint)
+    if args.model:
+        from posetune.tracking import load_registered_model
+
+        model, cfg = load_registered_model(args.model, args.tracking_uri)
+    else:
+        model, cfg = model_from_checkpoint(args.checkpoint)
     for result in predict_images(model, cfg, args.images, args.device):
         print(json.dumps(result))
     return 0
@@ -107,8 +127,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_unlogged(unlogged: list[str]) -> None:
+    if unlogged:
+        print(f"MLflow: {len(unlogged)} item(s) could not be logged:", file=sys.stderr)
+        for item in unlogged:
+            print(f"  - {item}", file=sys.stderr)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
-    from posetune.search import describe_plan, local_resources, plan_resources, run_search, summary_lines
+    from posetune.search import (
+        check_can_start,
+        describe_plan,
+        experiment_dir,
+        load_study,
+        local_resources,
+        plan_resources,
+        run_search,
+        space_params,
+        summary_lines,
+    )
     from posetune.space import load_space
 
     space, base = load_space(args.space, args.overrides, args.name)
@@ -121,13 +158,29 @@ def cmd_search(args: argparse.Namespace) -> int:
             print("concurrency: decided from the cluster at RAY_ADDRESS when the search starts")
         print("dry run: nothing was started or written")
         return 0
+    tracker = None
+    if space.tracking.enabled:
+        from posetune.tracking import SearchTracker
+
+        check_can_start(space, base, args.resume)  # before a parent run is opened
+        tracker = SearchTracker(space.tracking, space.storage.name, experiment_dir(space))
+        tracker.start(Path(args.space), space_params(space), args.resume)
     try:
-        summary = run_search(space, base, resume=args.resume)
+        summary = run_search(space, base, resume=args.resume, extra_callbacks=tracker.callbacks if tracker else None)
     except KeyboardInterrupt:
         print(f"\n{resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if tracker:
+        from posetune.config import load_config
+
+        best_config = load_config(summary.best_config, environ={}) if summary.best_config else None
+        summary.unlogged = tracker.finish(summary, load_study(summary.experiment_dir), best_config)
     print()
     print("\n".join(summary_lines(summary)))
+    if tracker:
+        _report_unlogged(summary.unlogged)
+        if not summary.unlogged:
+            print(f"MLflow: everything was logged to {tracker.uri} (`posetune ui` to browse an embedded store)")
     if summary.interrupted:
         print(f"\n{resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -151,6 +204,21 @@ def cmd_results(args: argparse.Namespace) -> int:
     else:
         print("\n".join(results_table(rank_records(results["trials"], metric, mode), metric)))
     return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from posetune.tracking import experiment_urls, start_ui
+
+    server = start_ui(args.port)
+    print(f"MLflow UI on the embedded store: http://127.0.0.1:{args.port}  (Ctrl-C stops it)")
+    for name, url in experiment_urls(args.port):
+        print(f"  {name}: {url}")
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait(timeout=30)
+        return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -207,7 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="pose of the object in images",
         description="Print one JSON line per image: translation (m) and quaternion (x, y, z, w).",
     )
-    predict.add_argument("--checkpoint", required=True, help="checkpoint file")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file")
+    source.add_argument("--model", help="registered MLflow model, e.g. models:/posetune-quick/latest")
+    predict.add_argument(
+        "--tracking-uri", help="MLflow store for --model (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)"
+    )
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     predict.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
     predict.set_defaults(func=cmd_predict)
@@ -270,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="storage.path=DIR", help="where searches are stored (default: runs/search)"
     )
     results.set_defaults(func=cmd_results)
+
+    ui = commands.add_parser(
+        "ui",
+        help="the MLflow UI on the embedded store",
+        description="Start the MLflow UI on runs/mlflow.db (the embedded store), bound to 127.0.0.1.",
+    )
+    ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    ui.set_defaults(func=cmd_ui)
 
     config = commands.add_parser(
         "config",

@@ -155,11 +155,14 @@ class SystemConfig(Section):
 
 
 class TrackingConfig(Section):
-    enabled: bool = False
-    # None: $MLFLOW_TRACKING_URI if set, else an embedded SQLite store under the run folder.
+    """MLflow tracking (used by `posetune train`; the search file has its own section)."""
+
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI if set, else the embedded SQLite store runs/mlflow.db.
     tracking_uri: str | None = None
-    experiment_name: str = "posetune"
-    registered_model_name: str | None = None
+    experiment_name: str | None = None  # None: "posetune" for train, the search's name for a search
+    registered_model_name: str | None = None  # register the best model under this name
+    log_checkpoints: bool = True  # the best checkpoint as a run artifact
 
 
 class Config(Section):

@@ -49,7 +49,7 @@ def decode_image(data: bytes, crop: Sequence[int] | None, size: tuple[int, int],
         image = image.crop(tuple(crop))
     if image.size != size:
         image = image.resize(size, Image.BILINEAR)
-    return np.asarray(image)
+    return np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
 
 
 class DecodedImages(Dataset):

@@ -89,7 +89,7 @@ def _load_pretrained(model: nn.Module, name: str, path: str) -> None:
         raise ConfigError(f"model.pretrained_weights = {path!r}: file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # torch raises many types for truncated or foreign files
         raise ConfigError(f"model.pretrained_weights = {path!r}: cannot read ({exc})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,12 @@ STATUSES = ("completed", "stopped_early", "failed", "diverged")
 # Tune's experiment lives in its own subfolder: on a resume Tune downloads that folder and
 # syncs it back at every checkpoint, which would overwrite live files kept beside its own.
 TUNE_FOLDER = "tune"
+
+
+def print_line(line: str) -> None:
+    """The default progress printer. A module function, not `print` itself, because Tune pickles
+    the callbacks that hold it, and some environments replace `builtins.print`."""
+    print(line, flush=True)
 
 
 # --- Resources --------------------------------------------------------------------------------
@@ -334,14 +340,14 @@ class MonitorCallback(tune.Callback):
         self.monitor.on_complete(trial.trial_id, dict(trial.config), trial.last_result or {})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.monitor.on_error(trial.trial_id, dict(trial.config), _first_error_line(trial))
+        self.monitor.on_error(trial.trial_id, dict(trial.config), first_error_line(trial))
 
 
-def _first_error_line(trial) -> str:
+def first_error_line(trial) -> str:
     """The root cause of a failed trial, in one line (Ray wraps it several times)."""
     try:
         error = trial.get_error()
-    except Exception:
+    except Exception:  # diagnostics only: a missing error file must not fail the search
         error = None
     text = str(error or "unknown error")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -363,6 +369,8 @@ class SearchSummary:
     best_config: Path | None
     best_checkpoint: Path | None
     interrupted: bool
+    cluster: str  # resources the search ran with
+    unlogged: list[str] = field(default_factory=list)  # what MLflow did not receive
 
 
 def _trial_dirname(trial) -> str:
@@ -433,14 +441,22 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
     return lines
 
 
+def check_can_start(space: SearchSpace, base: Config, resume: bool) -> None:
+    """Refuse a new search over an existing one, or a resume of a missing or different one."""
+    _check_experiment_folder(experiment_dir(space), space, _fingerprint(space, absolute_paths(base)), resume)
+
+
 def run_search(
     space: SearchSpace,
     base: Config,
     *,
     resume: bool = False,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = print_line,
+    extra_callbacks: Callable[[TrialSetup], list] | None = None,
 ) -> SearchSummary:
-    """Run (or resume) the search; return its summary. The caller prints it."""
+    """Run (or resume) the search; return its summary. The caller prints it.
+
+    ``extra_callbacks`` gets the trials' setup and returns more Tune callbacks (tracking)."""
     folder = experiment_dir(space)
     base = absolute_paths(base)
     fingerprint = _fingerprint(space, base)
@@ -469,7 +485,7 @@ def run_search(
         run_config = tune.RunConfig(
             name=TUNE_FOLDER,
             storage_path=str(folder),
-            callbacks=[MonitorCallback(monitor)],
+            callbacks=[MonitorCallback(monitor), *(extra_callbacks(setup) if extra_callbacks else [])],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=1),  # a crashed trial driver is retried once
         )
@@ -500,7 +516,8 @@ def run_search(
             interrupted = True
         monitor._load()  # after a restore, Tune's unpickled copy of the callback kept the records
         interrupted = interrupted or monitor.counts()["running"] > 0
-        return _finish(space, setup, monitor, folder, time.monotonic() - start, interrupted)
+        cluster = f"{plan.cluster_cpus:g} CPUs, {plan.cluster_gpus:g} GPUs"
+        return _finish(space, setup, monitor, folder, time.monotonic() - start, interrupted, cluster)
     finally:
         if started_ray:
             import ray
@@ -523,7 +540,7 @@ def _check_experiment_folder(folder: Path, space: SearchSpace, fingerprint: str,
             )
 
 
-def _finish(space, setup, monitor: SearchMonitor, folder: Path, seconds: float, interrupted: bool) -> SearchSummary:
+def _finish(space, setup, monitor: SearchMonitor, folder: Path, seconds: float, interrupted: bool, cluster: str):
     best = monitor.best()
     best_config = best_checkpoint = None
     if best and best["checkpoint"]:
@@ -547,9 +564,32 @@ def _finish(space, setup, monitor: SearchMonitor, folder: Path, seconds: float, 
         best_config,
         best_checkpoint,
         interrupted,
+        cluster,
     )
     write_text_atomic(folder / "summary.txt", "\n".join(summary_lines(summary)) + "\n")
     return summary
+
+
+def load_study(folder: Path):
+    """The search's Optuna study, from the searcher state Tune saved last (also after a resume)."""
+    import pickle
+
+    states = sorted((folder / TUNE_FOLDER).glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return None
+    return pickle.loads(states[-1].read_bytes()).get("_ot_study")
+
+
+def space_params(space: SearchSpace) -> dict[str, Any]:
+    """The search's own settings, flattened, for the parent run."""
+    params = {f"space.{key}": describe_parameter(p) for key, p in space.parameters.items()}
+    for section in ("search", "resources"):
+        for key, value in getattr(space, section).model_dump(mode="json").items():
+            if key != "points_to_evaluate":
+                params[f"{section}.{key}"] = json.dumps(value) if isinstance(value, dict) else value
+    params["search.points_to_evaluate"] = len(space.search.points_to_evaluate)
+    params["base.config"] = space.base.config
+    return params
 
 
 def summary_lines(summary: SearchSummary, top: int = 10) -> list[str]:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from posetune.config import (
     Config,
+    TrackingConfig,
     closest_key,
     config_keys,
     load_config,
@@ -119,11 +120,13 @@ class SearchSpace(_Strict):
     search: SearchSettings
     resources: Resources = Field(default_factory=Resources)
     storage: Storage
+    # MLflow: a parent run per search, a child per trial; registered model default posetune-<name>.
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 # --- Loading and validation ---------------------------------------------------------------------
 
-SPACE_SECTIONS = ("base", "parameters", "search", "resources", "storage")
+SPACE_SECTIONS = ("base", "parameters", "search", "resources", "storage", "tracking")
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:

@@ -134,3 +134,31 @@ def write_solo(root: Path, frames: list[tuple[tuple, tuple]], label="cube_positi
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory) -> str:
+    """One embedded MLflow store for the whole session (creating one takes seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_for_every_run(mlflow_store, monkeypatch):
+    """Runs that track (posetune train/search default to on) go to the session's store,
+    never to ./runs/mlflow.db; subprocesses inherit it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance with explicit CPUs for one test module, shut down after it."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+    )
+    yield ray
+    ray.shutdown()

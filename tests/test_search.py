@@ -17,20 +17,6 @@ from search_helpers import read_results, tiny_space, wait_for
 pytestmark = pytest.mark.timeout(900)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=True,
-        logging_level="WARNING",
-        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
-    )
-    yield ray
-    ray.shutdown()
-
-
 def test_connects_to_the_running_cluster(ray_cluster):
     from ray._private.services import find_gcs_addresses  # private API posetune relies on
 

@@ -82,6 +82,20 @@ def test_sigkill_then_resume_skips_finished_trials(synth_small, tmp_path):
     assert samples > 96, first
     assert "3 trials in" in resumed.stdout
 
+    # MLflow: one parent, exactly one child per trial; the interrupted trial continued its run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("k").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("posetune.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["posetune.trial_id"] for r in children) == sorted(after)
+    (continued,) = [r for r in children if r.data.tags["posetune.trial_id"] == interrupted]
+    steps = [m.step for m in client.get_metric_history(continued.info.run_id, "pose_error")]
+    # Calls still queued in the killed driver are lost; nothing is logged twice.
+    assert steps == sorted(set(steps)) and steps[-1] == 576 and len(steps) >= 4, steps
+    assert continued.data.tags["posetune.status"] == "completed" and parent.info.status == "FINISHED"
+
 
 def test_ctrl_c_prints_how_to_resume(synth_small, tmp_path):
     space = tiny_space(

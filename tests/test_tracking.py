@@ -1,0 +1,293 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts
+proxied by the server), queried through MlflowClient."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from posetune import cli
+from posetune.errors import PosetuneError
+from posetune.tracking import AsyncLogger, check_tracking_uri, resolve_tracking_uri
+
+from search_helpers import REPO, read_results, tiny_space, wait_for
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` as a user starts it, on a free local port; can be killed and restarted."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.folder / "artifacts"),
+        ]
+        log = open(self.folder / "server.log", "a")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(command, stdout=log, stderr=log)
+        wait_for(self.healthy, 120, "the MLflow server to start")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.process = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def client_for(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def runs_of(uri: str, experiment: str):
+    client = client_for(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("posetune.kind") == "search"]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    return client, parents[0], children
+
+
+def test_search_logs_one_parent_and_one_child_per_trial(ray_cluster, server, synth_small, tmp_path, capsys):
+    space = tiny_space(tmp_path, synth_small)
+    assert cli.main(["search", str(space), f"tracking.tracking_uri={server.uri}"]) == 0
+    out = capsys.readouterr().out
+    assert f"MLflow: everything was logged to {server.uri}" in out
+
+    records = {r["id"]: r for r in read_results(tmp_path)}
+    client, parent, children = runs_of(server.uri, "t")
+    assert sorted(r.data.tags["posetune.trial_id"] for r in children) == sorted(records)
+    for child in children:
+        record = records[child.data.tags["posetune.trial_id"]]
+        assert child.data.tags["posetune.status"] == record["status"]
+        assert child.info.status == "FINISHED"
+        assert float(child.data.params["optimizer.lr"]) == pytest.approx(record["params"]["optimizer.lr"])
+        assert child.data.params["dataset.image_scale"] == "64x40"  # every resolved key, flattened
+        history = client.get_metric_history(child.info.run_id, "pose_error")
+        steps = [m.step for m in history]
+        assert steps == sorted(steps) and steps[0] == 96 and steps[-1] == record["samples_seen"]
+        assert history[-1].value == pytest.approx(record["metrics"]["pose_error"])
+        assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.json", "summary.txt", "plots", "search_space"} <= parent_artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/learning_curves.png", "plots/parallel_coordinate.html"} <= plots
+    best = min(records.values(), key=lambda r: r["best_metrics"]["pose_error"])
+    assert parent.data.metrics["pose_error"] == pytest.approx(best["best_metrics"]["pose_error"])
+    assert parent.data.tags["posetune.best_trial"] == best["id"]
+    assert parent.data.params["search.num_samples"] == "4" and "posetune.git_commit" in parent.data.tags
+
+    # The best model is registered, loads with mlflow.pytorch and predicts through the CLI.
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(server.uri)
+    model = mlflow.pytorch.load_model("models:/posetune-t/latest")
+    translation, _ = model(torch.rand(1, 3, 40, 64))
+    assert translation.shape == (1, 3) and model.posetune_config["dataset"]["image_scale"] == "64x40"
+    image = sorted((synth_small / "val").glob("RGB*/rgb_3.png"))[0]
+    assert cli.main(["predict", "--model", "models:/posetune-t/latest", "--tracking-uri", server.uri, str(image)]) == 0
+    prediction = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(prediction["translation"]) == 3 and len(prediction["quaternion"]) == 4
+
+
+def test_server_killed_mid_search_then_back(ray_cluster, server, synth_small, tmp_path, capsys):
+    space = tiny_space(
+        tmp_path,
+        synth_small,
+        name="outage",
+        search__num_samples=3,
+        search__asha={"max_samples": 480, "grace_samples": 480, "reduction_factor": 2},
+    )
+    events = []
+
+    def outage():
+        wait_for(
+            lambda: any(r["samples_seen"] >= 192 for r in read_results(tmp_path, "outage")),
+            300,
+            "a trial with two evaluations",
+        )
+        server.stop()
+        events.append("stopped")
+        time.sleep(20)  # evaluations keep coming while the server is away
+        server.start()
+        events.append("restarted")
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    assert cli.main(["search", str(space), f"tracking.tracking_uri={server.uri}"]) == 0
+    thread.join(timeout=120)
+    out = capsys.readouterr().out
+    assert events == ["stopped", "restarted"]
+    assert "MLflow unavailable" in out and "MLflow reachable again; catching up" in out
+    assert "everything was logged" in out  # the summary is honest: it all caught up
+
+    records = {r["id"]: r for r in read_results(tmp_path, "outage")}
+    client, _, children = runs_of(server.uri, "outage")
+    assert len(children) == len(records) == 3
+    for child in children:  # no evaluation was lost in the outage
+        history = client.get_metric_history(child.info.run_id, "pose_error")
+        assert [m.step for m in history] == [96, 192, 288, 384, 480]
+
+
+def test_unreachable_server_fails_before_training(synth_small, tmp_path, capsys):
+    space = tiny_space(tmp_path, synth_small)
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert cli.main(["search", str(space), f"tracking.tracking_uri={uri}"]) == 2
+    err = capsys.readouterr().err
+    assert f"MLflow tracking server {uri} is not reachable" in err and "tracking.enabled=false" in err
+    assert not (tmp_path / "runs" / "t").exists()  # no experiment folder: nothing started
+    assert (
+        cli.main(
+            [
+                "train",
+                f"dataset.root={synth_small}",
+                f"tracking.tracking_uri={uri}",
+                f"system.out_dir={tmp_path / 'run'}",
+            ]
+        )
+        == 2
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_logs_one_run_to_the_embedded_store_without_a_server(synth_small, tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
+    command = [
+        sys.executable,
+        "-m",
+        "posetune",
+        "train",
+        "--config",
+        str(REPO / "configs" / "quick.yaml"),
+        f"dataset.root={synth_small}",
+        "train.epochs=2",
+        "val.eval_freq=1",
+        "dataset.image_scale=64x40",
+        "system.out_dir=runs/one",
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    store = tmp_path / "runs" / "mlflow.db"
+    assert store.exists()
+    client = client_for(f"sqlite:///{store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("posetune").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["posetune.status"] == "completed"
+    assert run.data.params["train.epochs"] == "2" and run.info.run_name == "one"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "pose_error")] == [96, 192]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoints", "config.yaml", "metrics.json"}
+
+
+def test_ui_serves_the_embedded_store(synth_small, tmp_path):
+    (tmp_path / "runs").mkdir()
+    from posetune.tracking import embedded_store, experiment_id_for
+
+    uri, _ = embedded_store(tmp_path / "runs")
+    experiment_id_for(client_for(uri), "posetune", uri)
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "posetune", "ui", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        wait_for(lambda: MlflowServer.healthy(type("S", (), {"uri": f"http://127.0.0.1:{port}"})), 120, "the UI")
+        first_lines = [ui.stdout.readline() for _ in range(2)]
+        assert first_lines[0].startswith(f"MLflow UI on the embedded store: http://127.0.0.1:{port}")
+        assert f"http://127.0.0.1:{port}/#/experiments/" in first_lines[1] and "/runs" in first_lines[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10") as r:
+            names = [e["name"] for e in json.loads(r.read())["experiments"]]
+        assert "posetune" in names
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+
+
+def test_tracking_uri_priority(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert resolve_tracking_uri("http://explicit:5000") == "http://explicit:5000"
+    assert resolve_tracking_uri(None) == "http://from-env:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    with pytest.raises(PosetuneError, match="no longer accepts file stores"):
+        check_tracking_uri("file:///tmp/mlruns")
+
+
+def test_async_logger_retries_outages_and_reports_what_it_dropped():
+    said, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("connection refused")
+
+    def rejected():
+        raise ValueError("INVALID_PARAMETER_VALUE: bad metric")
+
+    def never():
+        raise OSError("unreachable")
+
+    logger = AsyncLogger(said.append, max_backoff_s=0.05)
+    logger.submit("flaky call", flaky)
+    logger.submit("rejected call", rejected)
+    logger.submit("call during a long outage", never)
+    logger.submit("queued behind it", never)  # the outage lasts: tried once more, then reported
+    logger.submit("fine once the outage is over", lambda: calls.append("ok"))
+    start = time.monotonic()
+    failed = logger.close(timeout_s=2)
+    assert time.monotonic() - start < 10  # closing gives up instead of waiting for the server
+    assert calls[:3] == [1, 1, 1] and calls[-1] == "ok"  # retried until it went through
+    assert failed[0] == "rejected call: INVALID_PARAMETER_VALUE: bad metric"  # not retried
+    assert any(f.startswith("call during a long outage") for f in failed)
+    assert any(f.startswith("queued behind it") for f in failed)
+    assert any("retrying in the background" in line for line in said)
