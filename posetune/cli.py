@@ -23,6 +23,7 @@ OVERRIDES_HELP = "config overrides as section.key=value (e.g. train.epochs=5 opt
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow configures its logger on import
     logging.getLogger("posetune").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
@@ -62,10 +63,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except BaseException as exc:
         if tracker:
             status = "diverged" if isinstance(exc, TrainingDiverged) else "failed"
-            _report_unlogged(tracker.finish(Path(cfg.system.out_dir), status, str(exc) or type(exc).__name__))
+            # A user error (bad data, bad key) before training is not a run worth keeping.
+            trained = isinstance(exc, TrainingDiverged) or not isinstance(exc, PosetuneError)
+            _report_unlogged(tracker.finish(status, str(exc) or type(exc).__name__, trained=trained))
         raise
     if tracker:
-        _report_unlogged(tracker.finish(result.out_dir, "completed"))
+        _report_unlogged(tracker.finish("completed"))
     print(f"run folder: {result.out_dir}  ({time.perf_counter() - start:.0f} s)")
     if result.best:
         print(f"best evaluation (epoch {result.best['epoch']}):")

@@ -561,17 +561,20 @@ class TrainTracker:
         self.logger: AsyncLogger | None = None
 
     def start(self, out_dir: Path) -> None:
+        """Check the store now (a problem stops us before training); the run itself is opened
+        by the first evaluation, so a run that never trains (a bad dataset path) logs nothing."""
         check_tracking_uri(self.uri)
         self.client = _client(self.uri)
-        experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
-        run = self.client.create_run(
-            experiment_id,
-            run_name=out_dir.name,
-            tags={"posetune.kind": "train", "posetune.status": "running", **posetune_tags()},
-        )
-        self.run_id = run.info.run_id
-        log_params(self.client, self.run_id, flatten(self.cfg.to_dict()))
+        self.experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
+        self.out_dir, self.run_id = out_dir, None
         self.logger = AsyncLogger(self.say)
+
+    def _open_run(self) -> None:
+        if self.run_id is not None:
+            return
+        tags = {"posetune.kind": "train", "posetune.status": "running", **posetune_tags()}
+        self.run_id = self.client.create_run(self.experiment_id, run_name=self.out_dir.name, tags=tags).info.run_id
+        log_params(self.client, self.run_id, flatten(self.cfg.to_dict()))
         self.say(f"MLflow: run {self.run_id} in experiment '{self.experiment_name}' at {self.uri}")
 
     def on_evaluation(self, evaluation) -> None:
@@ -581,12 +584,19 @@ class TrainTracker:
             "train_images_per_s": evaluation.train_images_per_s,
         }
         batch = _metrics_batch(metrics, evaluation.samples_seen)
-        self.logger.submit(
-            f"metrics at {evaluation.samples_seen} samples", lambda: self.client.log_batch(self.run_id, metrics=batch)
-        )
 
-    def finish(self, out_dir: Path, status: str, error: str | None = None) -> list[str]:
         def apply() -> None:
+            self._open_run()
+            self.client.log_batch(self.run_id, metrics=batch)
+
+        self.logger.submit(f"metrics at {evaluation.samples_seen} samples", apply)
+
+    def finish(self, status: str, error: str | None = None, trained: bool = True) -> list[str]:
+        """Close the run. `trained=False` (a user error before training) logs nothing."""
+        out_dir = self.out_dir
+
+        def apply() -> None:
+            self._open_run()
             self.client.set_tag(self.run_id, "posetune.status", status)
             if error:
                 self.client.set_tag(self.run_id, "posetune.error", error[:5000])
@@ -597,7 +607,8 @@ class TrainTracker:
                 self.client.log_artifact(self.run_id, str(out_dir / "checkpoints" / "best.pt"), "checkpoints")
             self.client.set_terminated(self.run_id, "FINISHED" if status == "completed" else "FAILED")
 
-        self.logger.submit("final status, config, metrics and best checkpoint", apply)
+        if trained or self.run_id is not None:
+            self.logger.submit("final status, config, metrics and best checkpoint", apply)
         name = self.cfg.tracking.registered_model_name
         if name and status == "completed":
             best = json.loads((out_dir / "metrics.json").read_text())["best"]
