@@ -147,17 +147,27 @@ class BudgetAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args, budget: int, **kwargs):
         super().__init__(*args, **kwargs)
         self._budget = budget
+        self._reported: dict[str, set[int]] = {}  # steps already reported, per trial
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or result.get("diverged"):
+        if trial_id not in self._completed_trials:
+            self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        step = result.get("samples_seen")
+        if result.get("diverged") or step is None or self.metric not in result:
             return
-        self._ot_trials[trial_id].report(result[self.metric], result["samples_seen"])
+        if step not in self._reported.setdefault(trial_id, set()):
+            self._reported[trial_id].add(step)
+            self._ot_trials[trial_id].report(result[self.metric], step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         partial = result and (result.get("diverged") or result.get("samples_seen", 0) < self._budget)
         if error or not partial or trial_id in self._completed_trials:
             super().on_trial_complete(trial_id, result, error)
             return
+        # The result ASHA stopped the trial on arrives here, not through on_trial_result.
+        self._report(trial_id, result)
         self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
 

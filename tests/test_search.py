@@ -45,6 +45,9 @@ def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys):
     told = sorted(t.state.name for t in study.trials)
     assert told.count("PRUNED") == statuses.count("stopped_early")
     assert told.count("COMPLETE") == statuses.count("completed")
+    # Each pruned trial's intermediate values run up to where ASHA stopped it (step = samples).
+    stopped_at = sorted(r["samples_seen"] for r in records if r["status"] == "stopped_early")
+    assert sorted(t.last_step for t in study.trials if t.state.name == "PRUNED") == stopped_at
 
     # Exports: the best config trains, the best checkpoint evaluates.
     folder = tmp_path / "runs" / "t"
