@@ -1,13 +1,15 @@
 """Orchestration overhead: the same training once as `posetune train` and once as a one-trial search.
 
-    python benchmarks/orchestration.py [--frames 2000] [--epochs 6]
+    python benchmarks/orchestration.py [--frames 2000] [--epochs 5] [--rounds 3]
 
-Both runs use configs/quick.yaml on the same synthetic frames, the same image cache (built
-before timing) and 2 CPU threads: the plain run in this process, the trial in a Ray Train
-worker given 2 CPUs (Ray sets its thread count from that). Figures: each run's training
-throughput (mean over epochs 2..N, from the same `train_images_per_s` that fit() records),
-their ratio, each run's wall time and the difference, which is the search's start-up overhead
-(Ray, Tune, the Train worker group, checkpoint uploads). Writes benchmarks/results/orchestration.{json,md}.
+Both runs are the CLI in a fresh process, untracked, on configs/quick.yaml, the same synthetic
+frames, the same image cache (built before timing) and 2 CPU threads: `posetune train` uses
+torch's default (one per core), the trial's Ray Train worker is given 2 CPUs (Ray sets its
+thread count from that). Rounds alternate the two so drift on a shared host hits both alike.
+Figures: each run's training throughput (mean over epochs 2..N, the `train_images_per_s` that
+fit() records), their ratio, each run's wall time and the difference, which is the search's
+start-up overhead (Ray, Tune, the Train worker group, checkpoint reports).
+Writes benchmarks/results/orchestration.{json,md}.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,28 +30,29 @@ import yaml
 
 from posetune.config import load_config
 from posetune.data import load_split
-from posetune.search import run_search
-from posetune.space import load_space
 from posetune.synth import generate
-from posetune.train import fit
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def plain_run(cfg, folder: Path) -> tuple[float, float, int]:
-    """(training images/s over epochs 2..N, wall seconds, samples seen) of fit() in-process."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.system.out_dir = str(folder)
+def run(argv: list[str]) -> float:
+    """Wall seconds of one `posetune` command in a fresh process (same imports and start-up for both)."""
     start = time.perf_counter()
-    result = fit(cfg, progress=False)
-    wall = time.perf_counter() - start
-    rate = statistics.mean(h["train_images_per_s"] for h in result.history[1:])
-    return rate, wall, result.history[-1]["samples_seen"]
+    subprocess.run([sys.executable, "-m", "posetune", *argv], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def plain_run(overrides: dict, folder: Path) -> tuple[float, float, int]:
+    """(training images/s over epochs 2..N, wall seconds, samples seen) of `posetune train`."""
+    args = [f"{k}={v}" for k, v in {**overrides, "system.out_dir": folder}.items()]
+    wall = run(["train", "--config", str(REPO / "configs" / "quick.yaml"), *args])
+    history = json.loads((folder / "metrics.json").read_text())["history"]
+    return statistics.mean(h["train_images_per_s"] for h in history[1:]), wall, history[-1]["samples_seen"]
 
 
 def search_run(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[float, float]:
-    """(training images/s over epochs 2..N, wall seconds) of the same training as a one-trial search."""
+    """(training images/s over epochs 2..N, wall seconds) of the same training as a one-trial `posetune search`."""
     space = {
         "base": {"config": str(REPO / "configs" / "quick.yaml"), "overrides": overrides},
         "parameters": {"optimizer.lr": {"distribution": "fixed", "value": lr}},
@@ -55,13 +60,11 @@ def search_run(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[
         # 3 logical CPUs: the trial's 2-CPU worker plus its driver's sliver fit on a 2-core box.
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 2, "local_cpus": 3},
         "storage": {"name": "bench", "path": str(folder)},
+        "tracking": {"enabled": False},
     }
     folder.mkdir(parents=True)
     (folder / "space.yaml").write_text(yaml.safe_dump(space))
-    search_space, base = load_space(folder / "space.yaml")
-    start = time.perf_counter()
-    run_search(search_space, base, say=lambda line: None)
-    wall = time.perf_counter() - start
+    wall = run(["search", str(folder / "space.yaml")])
     trial_dir = next((folder / "bench" / "tune").glob("trial-*"))
     results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
     return statistics.mean(r["train_images_per_s"] for r in results[1:]), wall
@@ -87,9 +90,10 @@ def main() -> None:
         }
         cfg = load_config(REPO / "configs" / "quick.yaml", [f"{k}={v}" for k, v in overrides.items()], environ={})
         load_split(cfg, "train"), load_split(cfg, "val")  # build the cache outside every timing
+        overrides["tracking.enabled"] = False  # both runs untracked: keep the user's MLflow store clean
         # Alternate the two so that drift on a shared host hits both alike.
         for n in range(args.rounds):
-            plain_rate, plain_wall, samples = plain_run(cfg, work / f"plain-{n}")
+            plain_rate, plain_wall, samples = plain_run(overrides, work / f"plain-{n}")
             trial_rate, search_wall = search_run(overrides, cfg.optimizer.lr, samples, work / f"search-{n}")
             rounds.append(
                 {
