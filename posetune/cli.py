@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -213,15 +214,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from posetune.tracking import experiment_urls, start_ui
 
     server = start_ui(args.port)
-    print(f"MLflow UI on the embedded store: http://127.0.0.1:{args.port}  (Ctrl-C stops it)")
+    # SIGTERM (a service manager, `kill`) must stop the server too, not orphan it; Ctrl-C reaches
+    # both processes through the terminal.
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(server.terminate()))
+    print(f"MLflow UI on the embedded store: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
     for name, url in experiment_urls(args.port):
-        print(f"  {name}: {url}")
+        print(f"  {name}: {url}", flush=True)
     try:
-        return server.wait()
+        code = server.wait()
     except KeyboardInterrupt:
         server.terminate()
         server.wait(timeout=30)
         return 0
+    return 0 if stopping else code
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from posetune import cli
@@ -247,9 +248,14 @@ def test_ui_serves_the_embedded_store(synth_small, tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10") as r:
             names = [e["name"] for e in json.loads(r.read())["experiments"]]
         assert "posetune" in names
+        server_processes = psutil.Process(ui.pid).children(recursive=True)  # mlflow, uvicorn, job runners
+        assert server_processes
     finally:
         ui.terminate()
         ui.wait(timeout=30)
+    assert ui.returncode == 0
+    _, alive = psutil.wait_procs(server_processes, timeout=30)
+    assert not alive, f"`posetune ui` left its server running: {[p.cmdline() for p in alive]}"
 
 
 def test_tracking_uri_priority(monkeypatch, tmp_path):
