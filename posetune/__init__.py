@@ -1,20 +1,36 @@
 """posetune: hyperparameter search and training for 6-DoF object pose estimation.
 
-The public API for use from Python. The search (Ray) and tracking (MLflow) live in
-``posetune.search`` / ``posetune.space`` / ``posetune.tracking`` and are imported on demand,
-so that ``import posetune`` stays light.
+The public API for use from Python. Names are imported on first use (PEP 562), so that
+`import posetune` and the CLI's `--help` or config errors do not wait seconds for torch;
+the search (Ray) and tracking (MLflow) live in `posetune.search` / `posetune.space` /
+`posetune.tracking`.
 """
 
-from posetune.config import Config, load_config
-from posetune.errors import CheckpointError, ConfigError, DataError, PosetuneError
-from posetune.inference import evaluate_checkpoint, model_from_checkpoint, predict_images
-from posetune.metrics import METRIC_NAMES, pose_metrics
-from posetune.model import create_model, list_backbones
-from posetune.train import FitResult, fit
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
+_EXPORTS = {
+    "Config": "posetune.config",
+    "load_config": "posetune.config",
+    "CheckpointError": "posetune.errors",
+    "ConfigError": "posetune.errors",
+    "DataError": "posetune.errors",
+    "PosetuneError": "posetune.errors",
+    "evaluate_checkpoint": "posetune.inference",
+    "model_from_checkpoint": "posetune.inference",
+    "predict_images": "posetune.inference",
+    "METRIC_NAMES": "posetune.metrics",
+    "pose_metrics": "posetune.metrics",
+    "create_model": "posetune.model",
+    "list_backbones": "posetune.model",
+    "FitResult": "posetune.train",
+    "fit": "posetune.train",
+}
+__all__ = [  # the names above, literally, for linters and `from posetune import *`
     "METRIC_NAMES",
     "CheckpointError",
     "Config",
@@ -31,3 +47,22 @@ __all__ = [
     "pose_metrics",
     "predict_images",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'posetune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return [*__all__, "__version__"]
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from posetune.config import Config, load_config
+    from posetune.errors import CheckpointError, ConfigError, DataError, PosetuneError
+    from posetune.inference import evaluate_checkpoint, model_from_checkpoint, predict_images
+    from posetune.metrics import METRIC_NAMES, pose_metrics
+    from posetune.model import create_model, list_backbones
+    from posetune.train import FitResult, fit

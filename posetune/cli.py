@@ -48,9 +48,10 @@ def _cell(value: object) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from posetune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors come before torch's import time
     from posetune.train import TrainingDiverged, default_out_dir, fit
 
-    cfg = load_config(args.config, args.overrides)
     cfg.system.out_dir = cfg.system.out_dir or str(default_out_dir())
     tracker = None
     if cfg.tracking.enabled:

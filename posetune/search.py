@@ -110,18 +110,19 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    hook = {"worker_process_setup_hook": "posetune.worker_logging.quiet_ray_internals"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=hook, **quiet)
         return False
     from ray._private.services import find_gcs_addresses  # private: pinned by tests/test_search.py
 
     if find_gcs_addresses():
-        ray.init(address="auto", **quiet)
+        ray.init(address="auto", runtime_env=hook, **quiet)
         return False
     # The dashboard process stays: Ray's state API behind it frees the workers of trials
     # that ASHA stops; without it they leak and later trials wait forever. Nothing is
     # preempted on a local instance, so Ray Train's preemption watcher (noisy) is off.
-    no_preemption = {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+    no_preemption = {**hook, "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
     # Every Ray process wakes up to collect metrics; on a small machine that competes with
     # training (measured ~5% of a 2-core box). Local instances skip it unless the user asks.
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
