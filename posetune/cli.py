@@ -217,8 +217,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     server = start_ui(args.port)
     # SIGTERM (a service manager, `kill`) must stop the server too, not orphan it; Ctrl-C reaches
     # both processes through the terminal.
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(server.terminate()))
+    terminated = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal terminated
+        terminated = True
+        server.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"MLflow UI on the embedded store: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
     for name, url in experiment_urls(args.port):
         print(f"  {name}: {url}", flush=True)
@@ -228,7 +234,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         server.terminate()
         server.wait(timeout=30)
         return 0
-    return 0 if stopping else code
+    return 0 if terminated else code
 
 
 def cmd_config(args: argparse.Namespace) -> int:
