@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from posetune.errors import PosetuneError
+from posetune.tables import format_table
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -29,18 +30,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
-    cells = [[str(c) for c in header]] + [[_cell(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for n, row in enumerate(cells):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    print("\n".join(format_table(rows, header)))
 
 
 # --- commands ---------------------------------------------------------------------------------

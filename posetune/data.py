@@ -26,6 +26,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from posetune.config import Config
 from posetune.errors import DataError
 from posetune.perception import PoseIndex, read_split
+from posetune.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,7 @@ def _build_cache(index, crop, size, path: Path, num_workers: int, progress: bool
 
     width, height = size
     log.info("caching %d images of %s at %dx%d in %s", len(index), index.source.describe(), width, height, path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), height, width, 3))
         loader = DataLoader(
             DecodedImages(index, crop, size),
@@ -140,9 +140,6 @@ def _build_cache(index, crop, size, path: Path, num_workers: int, progress: bool
                 bar.update(len(batch))
         out.flush()
         del out
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- Datasets and loaders ---------------------------------------------------------------------

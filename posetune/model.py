@@ -146,4 +146,4 @@ def create_model(cfg: ModelConfig, symmetric: bool = False) -> PoseNet:
 def check_backbone(name: str) -> None:
     """Fail before any data is read when the name is unknown."""
     if name not in BACKBONES:
-        create_backbone(name)  # raises the ConfigError listing valid names
+        raise unknown_choice("model.backbone", name, BACKBONES)

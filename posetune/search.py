@@ -35,9 +35,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from posetune.config import Config
 from posetune.errors import ConfigError, PosetuneError
+from posetune.metrics import METRIC_NAMES
 from posetune.perception import read_split
 from posetune.space import EFFECTIVE_BATCH, DefineByRun, SearchSpace, describe_parameter
 from posetune.storage import copy_atomic, write_text_atomic
+from posetune.tables import format_table
 from posetune.trial import TRIAL_DRIVER_CPUS, TrialSetup, build_trial_config, run_trial
 
 log = logging.getLogger(__name__)
@@ -222,9 +224,9 @@ class SearchMonitor:
 
     def __init__(self, path: Path, metric: str, mode: str, budget: int, say: Callable[[str], None]):
         self.path, self.metric, self.mode, self.budget, self.say = path, metric, mode, budget, say
-        self._load()
+        self.reload()
 
-    def _load(self) -> None:
+    def reload(self) -> None:
         """Records from results.json: a resumed search keeps what it already knew."""
         self.start = time.monotonic()
         self.records: dict[str, dict[str, Any]] = {}
@@ -238,7 +240,7 @@ class SearchMonitor:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._load()
+        self.reload()
 
     def record(self, trial_id: str, params: dict[str, Any]) -> dict[str, Any]:
         return self.records.setdefault(
@@ -265,7 +267,7 @@ class SearchMonitor:
         if result.get("diverged"):
             record["samples_seen"] = result.get("samples_seen", record["samples_seen"])
             return
-        metrics = {k: v for k, v in result.items() if k in _metric_keys()}
+        metrics = {k: v for k, v in result.items() if k in METRIC_NAMES}
         record.update(metrics=metrics, samples_seen=result["samples_seen"])
         record["checkpoint"] = result.get("checkpoint_path") or record["checkpoint"]
         if _better(self.mode, metrics[self.metric], record["best_metrics"].get(self.metric)):
@@ -319,12 +321,6 @@ class SearchMonitor:
     def _clock(self) -> str:
         seconds = int(time.monotonic() - self.start)
         return f"[{seconds // 60:3d}:{seconds % 60:02d}]"
-
-
-def _metric_keys() -> set[str]:
-    from posetune.metrics import METRIC_NAMES
-
-    return set(METRIC_NAMES)
 
 
 def _format_params(params: dict[str, Any]) -> str:
@@ -525,7 +521,7 @@ def run_search(
             tuner.fit()
         except KeyboardInterrupt:
             interrupted = True
-        monitor._load()  # after a restore, Tune's unpickled copy of the callback kept the records
+        monitor.reload()  # after a restore, Tune's unpickled copy of the callback kept the records
         interrupted = interrupted or monitor.counts()["running"] > 0
         cluster = f"{plan.cluster_cpus:g} CPUs, {plan.cluster_gpus:g} GPUs"
         return _finish(space, setup, monitor, folder, time.monotonic() - start, interrupted, cluster)
@@ -624,7 +620,6 @@ def summary_lines(summary: SearchSummary, top: int = 10) -> list[str]:
 
 
 def results_table(records: list[dict[str, Any]], metric: str) -> list[str]:
-    header = ["trial", "status", "samples", metric, "cm", "deg", "parameters"]
     rows = []
     for r in records:
         best = r.get("best_metrics") or {}
@@ -633,21 +628,13 @@ def results_table(records: list[dict[str, Any]], metric: str) -> list[str]:
                 r["id"],
                 r["status"],
                 f"{r['samples_seen']:,}",
-                _number(best.get(metric)),
-                _number(best.get("translation_error_cm")),
-                _number(best.get("orientation_error_deg")),
+                best.get(metric),
+                best.get("translation_error_cm"),
+                best.get("orientation_error_deg"),
                 _format_params(r["params"]),
             ]
         )
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
-    out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    return out
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return format_table(rows, ["trial", "status", "samples", metric, "cm", "deg", "parameters"])
 
 
 def load_results(name: str, storage_path: str) -> tuple[dict[str, Any], str, str]:

@@ -16,6 +16,7 @@ path, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -234,8 +235,6 @@ def _check_base(space: SearchSpace, path: Path, config_overrides: list[str], pro
 
 
 def _yaml_scalar(value: Any) -> str:
-    import json
-
     return json.dumps(value) if not isinstance(value, str) else value
 
 
@@ -248,10 +247,11 @@ def _check_parameters(space: SearchSpace, base_cfg: Config | None, problems: lis
             hint = closest_key(key, valid)
             problems.append(f"{where}: unknown config key{f'; did you mean {hint}?' if hint else ''}")
             continue
-        problems += [f"{where}: {message}" for message in _distribution_problems(p)]
+        distribution_problems = _distribution_problems(p)
+        problems += [f"{where}: {message}" for message in distribution_problems]
         problems += _condition_problems(where, p, declared)
         declared[key] = p
-        if base_cfg is not None and key != EFFECTIVE_BATCH and not _distribution_problems(p):
+        if base_cfg is not None and key != EFFECTIVE_BATCH and not distribution_problems:
             for value in p.candidates():
                 try:
                     load_config(base=base_cfg.to_dict(), overrides=[f"{key}={_yaml_scalar(value)}"], environ={})

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from posetune.errors import PosetuneError
@@ -41,23 +42,28 @@ def read_bytes(uri: str | Path) -> bytes:
     return READERS[scheme](uri)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder + fsync + rename: readers see the old
-    file or the new one, never a torn one, even if the process is killed mid-write."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` when the block succeeds,
+    removed when it fails. Readers see the old file or the new one, never a torn one, even if
+    the process is killed mid-write (rename is atomic within a filesystem)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name in the same folder (rename is atomic within a filesystem); plain open()
-    # so the file gets the usual umask permissions, unlike mkstemp's 0600.
+    # Unique per writer; created by the caller with plain open() and the usual umask
+    # permissions, unlike mkstemp's 0600.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -66,11 +72,5 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def copy_atomic(source: str | Path, destination: str | Path) -> None:
     """Copy a (possibly large) file so that the destination appears complete or not at all."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(destination) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, destination)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -38,7 +38,7 @@ from ray import tune
 from posetune.config import Config, TrackingConfig, flatten
 from posetune.errors import PosetuneError
 from posetune.metrics import METRIC_NAMES
-from posetune.search import print_line
+from posetune.search import first_error_line, print_line, trial_status
 from posetune.storage import write_text_atomic
 from posetune.trial import TrialSetup, build_trial_config
 
@@ -301,15 +301,11 @@ class TrackingCallback(tune.Callback):
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from posetune.search import trial_status  # downstream of search: not a cycle at import time
-
         result = trial.last_result or {}
         status = trial_status(result, self.settings.budget)
         self._finish(trial.trial_id, status, result.get("error"), result.get("checkpoint_path"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from posetune.search import first_error_line
-
         checkpoint = (trial.last_result or {}).get("checkpoint_path")
         self._finish(trial.trial_id, "failed", first_error_line(trial), checkpoint)
 
@@ -320,18 +316,11 @@ class TrackingCallback(tune.Callback):
         _write_state(Path(self.settings.folder), state)
 
     def _finish(self, trial_id: str, status: str, error: str | None, checkpoint: str | None) -> None:
-        def apply() -> None:
-            run_id = self._require(trial_id)
-            tags = {"posetune.status": status}
-            if error:
-                tags["posetune.error"] = error[:5000]
-            for key, value in tags.items():
-                self._client.set_tag(run_id, key, value)
-            if self.settings.log_checkpoints and checkpoint and Path(checkpoint, "best.pt").exists():
-                self._client.log_artifact(run_id, str(Path(checkpoint, "best.pt")), "checkpoints")
-            self._client.set_terminated(run_id, "FAILED" if status in ("failed", "diverged") else "FINISHED")
-
-        self.logger.submit(f"final status ({status}) and best checkpoint of trial {trial_id}", apply)
+        best = Path(checkpoint, "best.pt") if self.settings.log_checkpoints and checkpoint else None
+        self.logger.submit(
+            f"final status ({status}) and best checkpoint of trial {trial_id}",
+            lambda: close_run(self._client, self._require(trial_id), status, error, best),
+        )
 
     def _require(self, trial_id: str) -> str:
         run_id = self._run_id(trial_id)
@@ -482,6 +471,17 @@ class SearchTracker:
         self.say(f"MLflow: registered models:/{self.model_name}/{version} (trial {best['id']})")
 
 
+def close_run(client, run_id: str, status: str, error: str | None, best_checkpoint: Path | None) -> None:
+    """A trial's or a training run's end: its posetune status (and error) as tags, its best
+    checkpoint as an artifact, and MLflow's run state."""
+    client.set_tag(run_id, "posetune.status", status)
+    if error:
+        client.set_tag(run_id, "posetune.error", error[:5000])
+    if best_checkpoint is not None and best_checkpoint.exists():
+        client.log_artifact(run_id, str(best_checkpoint), "checkpoints")
+    client.set_terminated(run_id, "FAILED" if status in ("failed", "diverged") else "FINISHED")
+
+
 def _tag_list(tags: dict[str, Any]):
     from mlflow.entities import RunTag
 
@@ -595,17 +595,14 @@ class TrainTracker:
         """Close the run. `trained=False` (a user error before training) logs nothing."""
         out_dir = self.out_dir
 
+        best = out_dir / "checkpoints" / "best.pt" if self.cfg.tracking.log_checkpoints else None
+
         def apply() -> None:
             self._open_run()
-            self.client.set_tag(self.run_id, "posetune.status", status)
-            if error:
-                self.client.set_tag(self.run_id, "posetune.error", error[:5000])
             for name in ("config.yaml", "metrics.json"):
                 if (out_dir / name).exists():
                     self.client.log_artifact(self.run_id, str(out_dir / name))
-            if self.cfg.tracking.log_checkpoints and (out_dir / "checkpoints" / "best.pt").exists():
-                self.client.log_artifact(self.run_id, str(out_dir / "checkpoints" / "best.pt"), "checkpoints")
-            self.client.set_terminated(self.run_id, "FINISHED" if status == "completed" else "FAILED")
+            close_run(self.client, self.run_id, status, error, best)
 
         if trained or self.run_id is not None:
             self.logger.submit("final status, config, metrics and best checkpoint", apply)

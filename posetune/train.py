@@ -190,12 +190,13 @@ def train_one_epoch(
             )
             scaler.scale(loss / group_size).backward()
         state.samples_seen += len(images) * rt.world_size
-        total_loss += loss.item()
-        finite = finite and math.isfinite(loss.item())
+        value = loss.item()  # one device sync per batch
+        total_loss += value
+        finite = finite and math.isfinite(value)
         if last_in_group:
             if not _finite_everywhere(finite, rt):
                 raise TrainingDiverged(
-                    f"training diverged at epoch {state.epoch + 1} (loss {loss.item():g}); lower optimizer.lr",
+                    f"training diverged at epoch {state.epoch + 1} (loss {value:g}); lower optimizer.lr",
                     state.samples_seen,
                 )
             for group in optimizer.param_groups:
