@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from posetune import storage
 from posetune.errors import CheckpointError, PosetuneError
-from posetune.storage import read_bytes, write_bytes_atomic
 
 FORMAT = "posetune-checkpoint"
 VERSION = 1
@@ -23,14 +23,15 @@ VERSION = 1
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
-    write_bytes_atomic(path, buffer.getvalue())
+    storage.write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(uri: str | Path) -> dict[str, Any]:
-    """A checkpoint from a path or URI, on the CPU. Only tensors and plain containers are
-    unpickled (weights_only), so a checkpoint from elsewhere cannot run code."""
+def load_checkpoint(uri: str | Path, sha256: str | None = None) -> dict[str, Any]:
+    """A checkpoint from a path or URI (gs://, http(s)://, optionally checked against a SHA-256),
+    on the CPU. Only tensors and plain containers are unpickled (weights_only), so a checkpoint
+    from elsewhere cannot run code."""
     try:
-        data = read_bytes(uri)
+        data = storage.read_bytes(uri, sha256)
     except PosetuneError as exc:
         raise CheckpointError(f"checkpoint {uri}: {exc}") from None
     try:

@@ -69,14 +69,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from posetune import storage
     from posetune.inference import evaluate_checkpoint
-    from posetune.storage import write_text_atomic
 
-    metrics, count = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.device)
+    metrics, count = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.device, args.sha256)
     print(f"{args.split} split: {count} samples")
     _print_metrics(metrics)
     if args.json:
-        write_text_atomic(args.json, json.dumps(metrics, indent=2) + "\n")
+        storage.write_text(args.json, json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
@@ -88,35 +88,66 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         model, cfg = load_registered_model(args.model, args.tracking_uri)
     else:
-        model, cfg = model_from_checkpoint(args.checkpoint)
+        model, cfg = model_from_checkpoint(args.checkpoint, args.sha256)
     for result in predict_images(model, cfg, args.images, args.device):
         print(json.dumps(result))
     return 0
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
+def _progress_bar(total: int, unit: str, desc: str):
     from tqdm import tqdm
 
+    scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=None, **scale)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from posetune import storage
     from posetune.synth import check_output, generate
 
     splits = {"train": args.train, "val": args.val, "test": args.test}
-    check_output(Path(args.out), splits, args.overwrite)
-    start = time.perf_counter()
-    with tqdm(total=sum(splits.values()), unit="img", desc="rendering", file=sys.stderr, disable=None) as bar:
-        written = generate(args.out, splits, args.seed, args.workers, not args.no_jitter, args.overwrite, bar.update)
-    seconds = time.perf_counter() - start
-    for name, path in written.items():
-        print(f"{name}: {splits[name]} images -> {path}")
+    remote = not storage.is_local(args.out)
+    if remote and storage.exists(args.out) and not args.overwrite:
+        raise PosetuneError(f"{args.out} already exists; pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="posetune-synth-") as scratch:
+        out = Path(scratch) if remote else storage.local_path(args.out, "OUT")
+        check_output(out, splits, args.overwrite)
+        start = time.perf_counter()
+        with _progress_bar(sum(splits.values()), "img", "rendering") as bar:
+            written = generate(out, splits, args.seed, args.workers, not args.no_jitter, args.overwrite, bar.update)
+        seconds = time.perf_counter() - start
+        if remote:
+            _push(str(out), args.out, "cube_position", args.overwrite)
+    for name in written:
+        print(f"{name}: {splits[name]} images -> {storage.join(args.out, name)}")
     print(f"{sum(splits.values())} images in {seconds:.1f} s ({sum(splits.values()) / seconds:.0f} img/s)")
     return 0
 
 
+def _push(source: str, destination: str, label: str, overwrite: bool) -> None:
+    from posetune import storage
+    from posetune.datasets import folder_size, present_splits, push_dataset
+
+    root = storage.local_path(source, "SRC")
+    total = folder_size(root, present_splits(root)) if root.is_dir() else 0
+    with _progress_bar(total, "B", f"uploading to {destination}") as bar:
+        indexes, sent = push_dataset(source, destination, label, overwrite, bar.update)
+    counts = ", ".join(f"{split} {len(index)}" for split, index in indexes.items())
+    print(f"pushed {source} ({counts} samples, {sent / 2**20:.1f} MiB) -> {destination}")
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    _push(args.source, args.destination, args.label, args.overwrite)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    from posetune.perception import read_split
+    from posetune.datasets import check_dataset
 
     rows = []
-    for split in args.splits:
-        index = read_split(args.root, split, args.label)
+    for split, index in check_dataset(args.root, args.splits, args.label).items():
         rows.append([split, index.format, len(index), index.skipped, index.source.describe()])
     print_table(rows, ["split", "format", "samples", "skipped", "location"])
     return 0
@@ -135,7 +166,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         describe_plan,
         experiment_dir,
         load_study,
-        local_resources,
+        local_shape,
         plan_resources,
         run_search,
         space_params,
@@ -147,7 +178,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     resume = ["posetune search", args.space, "--resume", *(["--name", args.name] if args.name else []), *args.overrides]
     resume_hint = f"search interrupted; continue it with:\n  {' '.join(resume)}"
     if args.dry_run:
-        plan = None if os.environ.get("RAY_ADDRESS") else plan_resources(space, local_resources())
+        plan = None if os.environ.get("RAY_ADDRESS") else plan_resources(space, local_shape())
         print("\n".join(describe_plan(space, base, plan)))
         if plan is None:
             print("concurrency: decided from the cluster at RAY_ADDRESS when the search starts")
@@ -159,16 +190,21 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         check_can_start(space, base, args.resume)  # before a parent run is opened
         tracker = SearchTracker(space.tracking, space.storage.name, experiment_dir(space))
-        tracker.start(Path(args.space), space_params(space), args.resume)
+
+    def start_tracking(setup):
+        """Opens the parent run once every check has passed, just before the first trial."""
+        tracker.start(args.space, space_params(space), args.resume)
+        return tracker.callbacks(setup)
+
     try:
-        summary = run_search(space, base, resume=args.resume, extra_callbacks=tracker.callbacks if tracker else None)
+        summary = run_search(space, base, resume=args.resume, extra_callbacks=start_tracking if tracker else None)
     except KeyboardInterrupt:
         print(f"\n{resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if tracker:
         from posetune.config import load_config
 
-        best_config = load_config(summary.best_config, environ={}) if summary.best_config else None
+        best_config = load_config(summary.best_config, environ={}) if summary.best_config else None  # as exported
         summary.unlogged = tracker.finish(summary, load_study(summary.experiment_dir), best_config)
     print()
     print("\n".join(summary_lines(summary)))
@@ -179,7 +215,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if summary.interrupted:
         print(f"\n{resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0
+    return 1 if summary.problems else 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -269,8 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics of a checkpoint on a split",
         description="Print a checkpoint's metrics on a dataset split.",
     )
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint file (e.g. RUN/checkpoints/best.pt)")
-    evaluate.add_argument("--data", help="dataset root (default: the one the checkpoint was trained on)")
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="checkpoint: a file, gs://BUCKET/KEY or https://... (#sha256=HEX checks it)"
+    )
+    evaluate.add_argument("--sha256", help="expected SHA-256 of the checkpoint file (refused if it differs)")
+    evaluate.add_argument("--data", help="dataset root, local or gs:// (default: the checkpoint's own)")
     evaluate.add_argument("--split", choices=["val", "test", "train"], default="val", help="split (default: val)")
     evaluate.add_argument("--json", metavar="OUT", help="also write the metrics as a JSON object to OUT")
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
@@ -282,16 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one JSON line per image: translation (m) and quaternion (x, y, z, w).",
     )
     source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint file")
+    source.add_argument("--checkpoint", help="checkpoint: a file, gs://BUCKET/KEY or https://... (#sha256=HEX)")
     source.add_argument("--model", help="registered MLflow model, e.g. models:/posetune-quick/latest")
     predict.add_argument(
         "--tracking-uri", help="MLflow store for --model (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)"
     )
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    predict.add_argument("--sha256", help="expected SHA-256 of the checkpoint file (refused if it differs)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local, gs:// or https://)")
     predict.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
     predict.set_defaults(func=cmd_predict)
 
-    data = commands.add_parser("data", help="dataset tools (synth, check)")
+    data = commands.add_parser("data", help="dataset tools (synth, check, push)")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     synth = data_commands.add_parser(
         "synth",
@@ -299,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Render the tutorial scene into OUT/train, OUT/val (and OUT/test) "
         "as legacy Unity Perception datasets. Deterministic for a seed; uses all cores.",
     )
-    synth.add_argument("out", metavar="OUT", help="output folder")
+    synth.add_argument("out", metavar="OUT", help="output folder, local or gs://BUCKET/PATH")
     synth.add_argument("--train", type=int, default=2000, help="training images (default: 2000)")
     synth.add_argument("--val", type=int, default=300, help="validation images (default: 300)")
     synth.add_argument("--test", type=int, default=0, help="test images (default: 0)")
@@ -313,10 +353,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="read and validate a dataset",
         description="Parse every split's labels and report samples and skipped captures.",
     )
-    check.add_argument("root", help="dataset root (folder or .zip with split folders)")
+    check.add_argument("root", help="dataset root: a folder or .zip with split folders, local or gs://")
     check.add_argument("--splits", nargs="+", default=["train", "val"], help="splits (default: train val)")
     check.add_argument("--label", default="cube_position", help="label name (default: cube_position)")
     check.set_defaults(func=cmd_check)
+    push = data_commands.add_parser(
+        "push",
+        help="upload a dataset to a bucket",
+        description="Check a local dataset folder (as `posetune data check` does) and upload its split folders to "
+        "DEST: gs://BUCKET/PATH/ keeps the folders, gs://BUCKET/PATH.zip zips them first. Nothing is uploaded "
+        "unless every split reads cleanly. Credentials: Application Default Credentials (or STORAGE_EMULATOR_HOST).",
+    )
+    push.add_argument("source", metavar="SRC", help="local dataset folder (with train/, val/, test/)")
+    push.add_argument("destination", metavar="DEST", help="gs://BUCKET/PATH/ or gs://BUCKET/PATH.zip")
+    push.add_argument("--label", default="cube_position", help="label name (default: cube_position)")
+    push.add_argument("--overwrite", action="store_true", help="replace what is at DEST")
+    push.set_defaults(func=cmd_push)
 
     search = commands.add_parser(
         "search",

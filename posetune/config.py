@@ -23,7 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from posetune.errors import ConfigError
+from posetune import storage
+from posetune.errors import ConfigError, StorageError
 
 ENV_PREFIX = "POSETUNE_"
 
@@ -258,11 +259,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     """Load a YAML file that must hold a mapping, with errors that name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = storage.read_text(path)  # a local file, gs:// or http(s)://
+    except StorageError as exc:
+        raise ConfigError(f"{what} {exc}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -8,14 +8,12 @@ reach the device, where ``to_model_input`` scales and normalises them.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +21,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from posetune import storage
 from posetune.config import Config
 from posetune.errors import DataError
 from posetune.perception import PoseIndex, read_split
-from posetune.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +68,6 @@ class DecodedImages(Dataset):
 # --- The image cache --------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "posetune"
-
-
 def cache_key(index: PoseIndex, crop: Sequence[int] | None, size: tuple[int, int]) -> str:
     """Changes with any image file (size + mtime, or zip CRC), the crop or the output size."""
     digest = hashlib.sha256()
@@ -83,17 +76,6 @@ def cache_key(index: PoseIndex, crop: Sequence[int] | None, size: tuple[int, int
     for name in index.images:
         digest.update(f"{name}\0{index.source.fingerprint(name)}\n".encode())
     return digest.hexdigest()[:20]
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock shared by every process on the node (trials, workers)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def cached_images(
@@ -108,12 +90,12 @@ def cached_images(
 
     Concurrent callers on a node wait for one builder; the file appears atomically.
     """
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = storage.local_path(cache_dir, "dataset.cache_dir") if cache_dir else storage.cache_root()
     cache_dir.mkdir(parents=True, exist_ok=True)
     width, height = size
     path = cache_dir / f"{cache_key(index, crop, size)}-{len(index)}x{width}x{height}.npy"
     if not path.exists():
-        with _file_lock(path.with_suffix(".lock")):
+        with storage.file_lock(path.with_suffix(".lock")):
             if not path.exists():  # another process may have built it while we waited
                 _build_cache(index, crop, size, path, num_workers, progress)
     return np.load(path, mmap_mode="r")
@@ -124,7 +106,7 @@ def _build_cache(index, crop, size, path: Path, num_workers: int, progress: bool
 
     width, height = size
     log.info("caching %d images of %s at %dx%d in %s", len(index), index.source.describe(), width, height, path)
-    with atomic_path(path) as tmp:
+    with storage.atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), height, width, 3))
         loader = DataLoader(
             DecodedImages(index, crop, size),
@@ -174,7 +156,8 @@ def load_split(cfg: Config, split: str, sample_size: int = 0, progress: bool = F
     """A split of cfg.dataset.root as a PoseDataset (cached per cfg.dataset.cache)."""
     if cfg.dataset.root is None:
         raise DataError("dataset.root is not set: pass dataset.root=PATH (a folder with train/ and val/)")
-    index = read_split(cfg.dataset.root, split, cfg.estimator.label_name).head(sample_size)
+    root = storage.fetch_dataset(cfg.dataset.root, cfg.dataset.cache_dir)  # once per node for gs://
+    index = read_split(root, split, cfg.estimator.label_name).head(sample_size)
     crop, size = cfg.dataset.crop, cfg.dataset.image_size
     workers = decode_workers(cfg)
     if cfg.dataset.cache:

@@ -20,6 +20,10 @@ class DataError(PosetuneError):
     """A dataset is missing, malformed or empty."""
 
 
+class StorageError(PosetuneError):
+    """A path or URI cannot be read or written (missing, refused, corrupted, read only)."""
+
+
 class CheckpointError(PosetuneError):
     """A checkpoint or model cannot be found or read."""
 

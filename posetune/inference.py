@@ -7,17 +7,18 @@ from pathlib import Path
 
 import torch
 
+from posetune import storage
 from posetune.checkpoint import load_checkpoint
 from posetune.config import Config, config_from_dict
 from posetune.data import decode_image, load_split
-from posetune.errors import CheckpointError, DataError
+from posetune.errors import CheckpointError, DataError, StorageError
 from posetune.model import PoseNet, create_model
 from posetune.train import Runtime, autocast_dtype, evaluate, resolve_device
 
 
-def model_from_checkpoint(uri: str | Path) -> tuple[PoseNet, Config]:
+def model_from_checkpoint(uri: str | Path, sha256: str | None = None) -> tuple[PoseNet, Config]:
     """The checkpoint's model (CPU, eval mode) and the config it was trained with."""
-    saved = load_checkpoint(uri)
+    saved = load_checkpoint(uri, sha256)
     cfg = config_from_dict(saved["config"])
     # The weights come from the checkpoint; the original pretrained file need not exist here.
     model = create_model(cfg.model.model_copy(update={"pretrained_weights": None}), cfg.dataset.symmetric)
@@ -34,10 +35,14 @@ def _runtime(cfg: Config, device: str | None) -> Runtime:
 
 
 def evaluate_checkpoint(
-    uri: str | Path, data: str | None = None, split: str = "val", device: str | None = None
+    uri: str | Path,
+    data: str | None = None,
+    split: str = "val",
+    device: str | None = None,
+    sha256: str | None = None,
 ) -> tuple[dict[str, float], int]:
     """(metrics, number of samples) of a checkpoint on a split of its dataset (or of `data`)."""
-    model, cfg = model_from_checkpoint(uri)
+    model, cfg = model_from_checkpoint(uri, sha256)
     if data is not None:
         cfg.dataset.root = data
     split_name = {
@@ -59,10 +64,11 @@ def predict_images(model: PoseNet, cfg: Config, paths: Sequence[str | Path], dev
     model = model.to(rt.device).eval()
     results = []
     for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"image {path} not found")
-        pixels = decode_image(path.read_bytes(), cfg.dataset.crop, cfg.dataset.image_size, str(path))
+        try:
+            data = storage.read_bytes(path)  # a local file, gs:// or http(s)://
+        except StorageError as exc:
+            raise DataError(f"image {exc}") from None
+        pixels = decode_image(data, cfg.dataset.crop, cfg.dataset.image_size, str(path))
         with rt.autocast():
             translation, quaternion = model(rt.inputs(torch.from_numpy(pixels)[None]))
         results.append(

@@ -7,16 +7,17 @@ feature width). `list_backbones()` discovers them; `create_model(cfg.model, symm
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from posetune import storage
 from posetune.config import ModelConfig
-from posetune.errors import ConfigError, unknown_choice
+from posetune.errors import ConfigError, PosetuneError, unknown_choice
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,14 @@ def create_backbone(
 
 
 def _load_pretrained(model: nn.Module, name: str, path: str) -> None:
-    if not Path(path).is_file():
+    if not storage.exists(path):
         raise ConfigError(f"model.pretrained_weights = {path!r}: file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = storage.read_bytes(path)  # a local file, gs:// or http(s)://
+    except PosetuneError as exc:
+        raise ConfigError(f"model.pretrained_weights: {exc}") from None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise ConfigError(f"model.pretrained_weights = {path!r}: cannot read ({exc})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -33,14 +32,15 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from posetune import placement, storage
 from posetune.config import Config
 from posetune.errors import ConfigError, PosetuneError
 from posetune.metrics import METRIC_NAMES
 from posetune.perception import read_split
+from posetune.placement import ClusterShape, ResourcePlan
 from posetune.space import EFFECTIVE_BATCH, DefineByRun, SearchSpace, describe_parameter
-from posetune.storage import copy_atomic, write_text_atomic
 from posetune.tables import format_table
-from posetune.trial import TRIAL_DRIVER_CPUS, TrialSetup, build_trial_config, run_trial
+from posetune.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
 
 log = logging.getLogger(__name__)
 
@@ -56,52 +56,62 @@ def print_line(line: str) -> None:
     print(line, flush=True)
 
 
-# --- Resources --------------------------------------------------------------------------------
+# --- Resources ---------------------------------------------------------------------------------
 
 
-@dataclass
-class ResourcePlan:
-    cluster_cpus: float
-    cluster_gpus: float
-    gpus_per_worker: float
-    concurrency: int
-    note: str = ""
-
-    @property
-    def use_gpu(self) -> bool:
-        return self.gpus_per_worker > 0
-
-
-def plan_resources(space: SearchSpace, cluster: dict[str, float]) -> ResourcePlan:
-    """How many trials run at once. Each trial holds its driver's sliver of a CPU plus its
-    workers' CPUs/GPUs; asking for more than the cluster has would leave trials waiting for
-    a worker group that can never start."""
-    r = space.resources
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    gpus_per_worker = (1.0 if gpus >= 1 else 0.0) if r.gpus_per_worker == "auto" else float(r.gpus_per_worker)
-    trial_cpus = r.workers_per_trial * r.cpus_per_worker + TRIAL_DRIVER_CPUS
-    trial_gpus = r.workers_per_trial * gpus_per_worker
-    fit = math.floor(cpus / trial_cpus + 1e-9)
-    if trial_gpus:
-        fit = min(fit, math.floor(gpus / trial_gpus + 1e-9))
-    wanted = space.search.max_concurrent_trials
-    if wanted is not None:
-        note = "" if wanted <= fit else f"; the cluster fits {fit} now (an autoscaling cluster may add nodes)"
-        return ResourcePlan(cpus, gpus, gpus_per_worker, wanted, f"search.max_concurrent_trials = {wanted}{note}")
-    if fit < 1:
-        raise ConfigError(
-            f"one trial needs {trial_cpus:g} CPUs and {trial_gpus:g} GPUs "
-            f"({r.workers_per_trial} worker(s)) but the cluster has {cpus:g} CPUs and {gpus:g} GPUs: "
-            "lower resources.workers_per_trial or resources.cpus_per_worker"
-        )
-    concurrency = min(fit, space.search.num_samples)
-    return ResourcePlan(cpus, gpus, gpus_per_worker, concurrency, f"{concurrency} concurrent trial(s) fit the cluster")
+def plan_resources(space: SearchSpace, cluster: ClusterShape) -> ResourcePlan:
+    """The search's resource plan on this cluster (see posetune.placement)."""
+    r, s = space.resources, space.search
+    return placement.plan_resources(
+        workers_per_trial=r.workers_per_trial,
+        cpus_per_worker=r.cpus_per_worker,
+        gpus_per_worker=r.gpus_per_worker,
+        num_samples=s.num_samples,
+        max_concurrent_trials=s.max_concurrent_trials,
+        cluster=cluster,
+    )
 
 
-def local_resources() -> dict[str, float]:
+def local_shape() -> ClusterShape:
+    """This machine as a one-node cluster (what a local Ray instance would have)."""
     import torch
 
-    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    return ClusterShape([placement.Node({"CPU": cpus, "GPU": gpus, placement.HEAD_RESOURCE: 1.0}, "local")])
+
+
+SHARED_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p"}
+
+
+def on_shared_filesystem(path: str) -> bool:
+    """Whether a local path lies on a network filesystem (NFS, Lustre, a FUSE bucket mount, ...)
+    that other nodes can mount too, judged from this node's /proc/mounts."""
+    target, best, fstype = os.path.realpath(path), "", ""
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                inside = len(fields) > 2 and (target == fields[1] or target.startswith(fields[1].rstrip("/") + "/"))
+                if inside and len(fields[1]) > len(best):
+                    best, fstype = fields[1], fields[2]
+    except OSError:
+        return False
+    return fstype in SHARED_FILESYSTEMS or fstype.startswith("fuse.")
+
+
+def check_storage_reachable(space: SearchSpace, folder: str, cluster: ClusterShape) -> None:
+    """On more than one node every worker writes checkpoints to storage.path: a head-local
+    folder would scatter them over the workers' disks."""
+    if not cluster.multi_node or not storage.is_local(folder) or space.storage.shared:
+        return
+    if on_shared_filesystem(folder):
+        return
+    raise ConfigError(
+        f"storage.path = {space.storage.path!r} is a local folder, but this cluster has more than one node "
+        f"({cluster.describe()}) and workers on other nodes cannot write their checkpoints there: "
+        "use a bucket (storage.path=gs://BUCKET/searches) or a filesystem every node mounts "
+        "(then set storage.shared=true)"
+    )
 
 
 def connect_ray(num_cpus: int | None = None) -> bool:
@@ -222,7 +232,7 @@ class SearchMonitor:
     """Keeps one record per trial, rewrites results.json atomically on every change and prints
     one progress line per event. Wrapped in a ray.tune.Callback by ``_monitor_callback``."""
 
-    def __init__(self, path: Path, metric: str, mode: str, budget: int, say: Callable[[str], None]):
+    def __init__(self, path: str, metric: str, mode: str, budget: int, say: Callable[[str], None]):
         self.path, self.metric, self.mode, self.budget, self.say = path, metric, mode, budget, say
         self.reload()
 
@@ -230,8 +240,8 @@ class SearchMonitor:
         """Records from results.json: a resumed search keeps what it already knew."""
         self.start = time.monotonic()
         self.records: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            for record in json.loads(self.path.read_text())["trials"]:
+        if storage.exists(self.path):
+            for record in json.loads(storage.read_text(self.path))["trials"]:
                 self.records[record["id"]] = record
 
     def __getstate__(self) -> dict[str, Any]:
@@ -269,7 +279,8 @@ class SearchMonitor:
             return
         metrics = {k: v for k, v in result.items() if k in METRIC_NAMES}
         record.update(metrics=metrics, samples_seen=result["samples_seen"])
-        record["checkpoint"] = result.get("checkpoint_path") or record["checkpoint"]
+        if result.get("checkpoint_path"):  # Ray's path (bucket-relative on gs://) as a URI
+            record["checkpoint"] = storage.from_ray_path(self.path, result["checkpoint_path"])
         if _better(self.mode, metrics[self.metric], record["best_metrics"].get(self.metric)):
             record["best_metrics"] = {**metrics, "samples_seen": result["samples_seen"]}
         self.save()
@@ -309,7 +320,7 @@ class SearchMonitor:
         return counts
 
     def save(self) -> None:
-        write_text_atomic(self.path, json.dumps({"trials": list(self.records.values())}, indent=2) + "\n")
+        storage.write_text(self.path, json.dumps({"trials": list(self.records.values())}, indent=2) + "\n")
 
     def _counts(self) -> str:
         c = self.counts()
@@ -367,16 +378,17 @@ def first_error_line(trial) -> str:
 
 @dataclass
 class SearchSummary:
-    experiment_dir: Path
+    experiment_dir: str  # a local folder or a gs:// URI
     records: list[dict[str, Any]]  # best first, then the ones without results
     counts: dict[str, int]
     seconds: float
     metric: str
     mode: str
-    best_config: Path | None
-    best_checkpoint: Path | None
+    best_config: str | None
+    best_checkpoint: str | None
     interrupted: bool
     cluster: str  # resources the search ran with
+    problems: list[str] = field(default_factory=list)  # exports that could not be made
     unlogged: list[str] = field(default_factory=list)  # what MLflow did not receive
 
 
@@ -384,38 +396,51 @@ def _trial_dirname(trial) -> str:
     return f"trial-{trial.trial_id}"  # Tune's default embeds every parameter in the name
 
 
-def experiment_dir(space: SearchSpace) -> Path:
-    return Path(space.storage.path).resolve() / space.storage.name
+def experiment_dir(space: SearchSpace) -> str:
+    """<storage.path>/<storage.name>: an absolute local folder or a gs:// URI."""
+    return storage.join(storage.absolute(space.storage.path), space.storage.name)
 
 
 def absolute_paths(cfg: Config) -> Config:
     """Trials run in other processes (and folders, and nodes): no relative paths."""
     cfg = cfg.model_copy(deep=True)
-    if cfg.dataset.root and "://" not in cfg.dataset.root:
-        cfg.dataset.root = str(Path(cfg.dataset.root).resolve())
+    if cfg.dataset.root:
+        cfg.dataset.root = storage.absolute(cfg.dataset.root)
     if cfg.dataset.cache_dir:
-        cfg.dataset.cache_dir = str(Path(cfg.dataset.cache_dir).resolve())
+        cfg.dataset.cache_dir = storage.absolute(cfg.dataset.cache_dir)
     if cfg.model.pretrained_weights:
-        cfg.model.pretrained_weights = str(Path(cfg.model.pretrained_weights).resolve())
+        cfg.model.pretrained_weights = storage.absolute(cfg.model.pretrained_weights)
     return cfg
 
 
 def ensure_dataset(space: SearchSpace, cfg: Config, say: Callable[[str], None]) -> int:
-    """Generate the synthetic set on first use; return the number of training samples."""
-    root = Path(cfg.dataset.root)
+    """Generate the synthetic set on first use (locally, or pushed to its bucket); return the
+    number of training samples."""
+    root = cfg.dataset.root
     synthetic = space.base.synthetic
-    if synthetic and not (root / cfg.dataset.train_split).exists():
-        from posetune.synth import generate
-
+    if synthetic and not storage.exists(storage.join(root, cfg.dataset.train_split)):
         say(f"generating a synthetic dataset in {root} ({synthetic.train} + {synthetic.val} frames)")
-        generate(
-            root,
-            {cfg.dataset.train_split: synthetic.train, cfg.dataset.val_split: synthetic.val},
-            seed=synthetic.seed,
-            overwrite=False,
+        _generate_synthetic(
+            root, {cfg.dataset.train_split: synthetic.train, cfg.dataset.val_split: synthetic.val}, synthetic.seed
         )
-    index = read_split(root, cfg.dataset.train_split, cfg.estimator.label_name)
+    index = read_split(
+        storage.fetch_dataset(root, cfg.dataset.cache_dir), cfg.dataset.train_split, cfg.estimator.label_name
+    )
     return len(index.head(cfg.train.sample_size))
+
+
+def _generate_synthetic(root: str, splits: dict[str, int], seed: int) -> None:
+    import tempfile
+
+    from posetune.datasets import push_dataset
+    from posetune.synth import generate
+
+    if storage.is_local(root):
+        generate(storage.local_path(root, "dataset.root"), splits, seed=seed, overwrite=False)
+        return
+    with tempfile.TemporaryDirectory(prefix="posetune-synth-") as scratch:
+        generate(Path(scratch), splits, seed=seed, overwrite=False)
+        push_dataset(scratch, root, overwrite=True)
 
 
 def _fingerprint(space: SearchSpace, base: Config) -> str:
@@ -443,7 +468,8 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
         + (f" x {plan.gpus_per_worker:g} GPU" if plan and plan.use_gpu else ""),
     ]
     if plan:
-        lines.append(f"cluster: {plan.cluster_cpus:g} CPUs, {plan.cluster_gpus:g} GPUs -> {plan.note}")
+        lines.append(f"cluster: {plan.cluster} -> {plan.concurrency} concurrent trial(s)")
+        lines += [f"  note: {note}" for note in plan.notes]
     lines.append(f"experiment folder: {experiment_dir(space)}")
     return lines
 
@@ -463,7 +489,8 @@ def run_search(
 ) -> SearchSummary:
     """Run (or resume) the search; return its summary. The caller prints it.
 
-    ``extra_callbacks`` gets the trials' setup and returns more Tune callbacks (tracking)."""
+    ``extra_callbacks`` gets the trials' setup once every check has passed, just before the
+    first trial, and returns more Tune callbacks (tracking)."""
     folder = experiment_dir(space)
     base = absolute_paths(base)
     fingerprint = _fingerprint(space, base)
@@ -472,26 +499,27 @@ def run_search(
 
     started_ray = connect_ray(space.resources.local_cpus)
     try:
-        import ray
-
-        plan = plan_resources(space, ray.cluster_resources())
+        cluster = placement.cluster_shape()
+        check_storage_reachable(space, folder, cluster)
+        plan = plan_resources(space, cluster)
         for line in describe_plan(space, base, plan):
             say(line)
-        folder.mkdir(parents=True, exist_ok=True)
         about = {"fingerprint": fingerprint, "metric": space.search.metric, "mode": space.search.resolved_mode}
-        write_text_atomic(folder / "search.json", json.dumps(about) + "\n")
-        setup = TrialSetup(space, base.to_dict(), train_size, plan.use_gpu, plan.gpus_per_worker, str(folder / "train"))
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_DRIVER_CPUS})
+        storage.write_text(storage.join(folder, "search.json"), json.dumps(about) + "\n")
+        setup = TrialSetup(space, base.to_dict(), train_size, plan, storage.join(folder, "train"))
+        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), plan.driver)
         monitor = SearchMonitor(
-            folder / "results.json",
+            storage.join(folder, "results.json"),
             space.search.metric,
             space.search.resolved_mode,
             space.search.asha.max_samples,
             say,
         )
+        storage_path, filesystem = storage.ray_storage(folder)
         run_config = tune.RunConfig(
             name=TUNE_FOLDER,
-            storage_path=str(folder),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             callbacks=[MonitorCallback(monitor), *(extra_callbacks(setup) if extra_callbacks else [])],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=1),  # a crashed trial driver is retried once
@@ -500,7 +528,11 @@ def run_search(
         if resume:
             say(f"resuming {folder}")
             tuner = tune.Tuner.restore(
-                str(folder / TUNE_FOLDER), trainable, resume_unfinished=True, resume_errored=True
+                f"{storage_path}/{TUNE_FOLDER}",
+                trainable,
+                resume_unfinished=True,
+                resume_errored=True,
+                storage_filesystem=filesystem,
             )
         else:
             tuner = tune.Tuner(
@@ -523,8 +555,8 @@ def run_search(
             interrupted = True
         monitor.reload()  # after a restore, Tune's unpickled copy of the callback kept the records
         interrupted = interrupted or monitor.counts()["running"] > 0
-        cluster = f"{plan.cluster_cpus:g} CPUs, {plan.cluster_gpus:g} GPUs"
-        return _finish(space, setup, monitor, folder, time.monotonic() - start, interrupted, cluster)
+        sweep_scratch_on_every_node()
+        return _finish(space, setup, monitor, folder, time.monotonic() - start, interrupted, plan.cluster)
     finally:
         if started_ray:
             import ray
@@ -532,35 +564,45 @@ def run_search(
             ray.shutdown()
 
 
-def _check_experiment_folder(folder: Path, space: SearchSpace, fingerprint: str, resume: bool) -> None:
-    exists = (folder / TUNE_FOLDER).exists() and tune.Tuner.can_restore(str(folder / TUNE_FOLDER))
+def _check_experiment_folder(folder: str, space: SearchSpace, fingerprint: str, resume: bool) -> None:
+    storage_path, filesystem = storage.ray_storage(folder)
+    tune_folder = f"{storage_path}/{TUNE_FOLDER}"
+    exists = storage.exists(storage.join(folder, TUNE_FOLDER)) and tune.Tuner.can_restore(
+        tune_folder, storage_filesystem=filesystem
+    )
     if resume and not exists:
         raise PosetuneError(f"no search to resume at {folder} (storage.path / storage.name or --name)")
     if not resume and exists:
         raise PosetuneError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
-    if resume and (folder / "search.json").exists():
-        saved = json.loads((folder / "search.json").read_text())["fingerprint"]
-        if saved != fingerprint:
-            raise ConfigError(
-                f"the search space or base config changed since {folder} was started; "
-                "resume with the same file and overrides, or start a new search with --name"
-            )
+    about = storage.join(folder, "search.json")
+    if resume and storage.exists(about) and json.loads(storage.read_text(about))["fingerprint"] != fingerprint:
+        raise ConfigError(
+            f"the search space or base config changed since {folder} was started; "
+            "resume with the same file and overrides, or start a new search with --name"
+        )
 
 
-def _finish(space, setup, monitor: SearchMonitor, folder: Path, seconds: float, interrupted: bool, cluster: str):
+def _finish(space, setup, monitor: SearchMonitor, folder: str, seconds: float, interrupted: bool, cluster: str):
+    """Export the best trial (its config and best checkpoint) and write the summary. A best
+    checkpoint that cannot be read is a problem listed in the summary, never a silent gap."""
     best = monitor.best()
     best_config = best_checkpoint = None
+    problems = []
     if best and best["checkpoint"]:
         cfg = build_trial_config(setup, best["params"])
         cfg.system.out_dir = None
         cfg.checkpoint.resume = None
         cfg.system.progress = True
-        best_config = folder / "best_config.yaml"
-        write_text_atomic(best_config, cfg.to_yaml())
-        source = Path(best["checkpoint"]) / "best.pt"
-        if source.exists():
-            best_checkpoint = folder / "best" / "model.pt"
-            copy_atomic(source, best_checkpoint)
+        best_config = storage.join(folder, "best_config.yaml")
+        storage.write_text(best_config, cfg.to_yaml())
+        source = storage.join(best["checkpoint"], "best.pt")
+        try:
+            storage.copy(source, storage.join(folder, "best", "model.pt"))
+            best_checkpoint = storage.join(folder, "best", "model.pt")
+        except PosetuneError as exc:
+            problems.append(f"the best trial's checkpoint could not be exported: {exc}")
+    elif best:
+        problems.append(f"the best trial {best['id']} reported no checkpoint; nothing was exported")
     summary = SearchSummary(
         folder,
         rank_records(list(monitor.records.values()), monitor.metric, monitor.mode),
@@ -572,19 +614,21 @@ def _finish(space, setup, monitor: SearchMonitor, folder: Path, seconds: float, 
         best_checkpoint,
         interrupted,
         cluster,
+        problems,
     )
-    write_text_atomic(folder / "summary.txt", "\n".join(summary_lines(summary)) + "\n")
+    storage.write_text(storage.join(folder, "summary.txt"), "\n".join(summary_lines(summary)) + "\n")
     return summary
 
 
-def load_study(folder: Path):
+def load_study(folder: str):
     """The search's Optuna study, from the searcher state Tune saved last (also after a resume)."""
     import pickle
 
-    states = sorted((folder / TUNE_FOLDER).glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    tune_folder = storage.join(folder, TUNE_FOLDER)
+    states = sorted(name for name in storage.list_files(tune_folder) if name.startswith("searcher-state-"))
     if not states:
         return None
-    return pickle.loads(states[-1].read_bytes()).get("_ot_study")
+    return pickle.loads(storage.read_bytes(storage.join(tune_folder, states[-1]))).get("_ot_study")
 
 
 def space_params(space: SearchSpace) -> dict[str, Any]:
@@ -609,13 +653,14 @@ def summary_lines(summary: SearchSummary, top: int = 10) -> list[str]:
         "",
     ]
     lines += results_table(summary.records[:top], summary.metric)
+    lines += [f"error: {problem}" for problem in summary.problems]
     if summary.best_config:
         lines += [
             "",
             f"best config:     {summary.best_config}",
             f"best checkpoint: {summary.best_checkpoint}",
         ]
-    lines.append(f"results:         {summary.experiment_dir / 'results.json'}")
+    lines.append(f"results:         {storage.join(summary.experiment_dir, 'results.json')}")
     return lines
 
 
@@ -638,12 +683,12 @@ def results_table(records: list[dict[str, Any]], metric: str) -> list[str]:
 
 
 def load_results(name: str, storage_path: str) -> tuple[dict[str, Any], str, str]:
-    """(results.json, metric, mode) of a stored search; nothing is run."""
-    folder = Path(storage_path).resolve() / name
-    if not (folder / "results.json").exists():
-        raise PosetuneError(f"no results for a search named {name!r} in {folder.parent} (set storage.path=...)")
-    about = json.loads((folder / "search.json").read_text())
-    return json.loads((folder / "results.json").read_text()), about["metric"], about["mode"]
+    """(results.json, metric, mode) of a stored search (local or gs://); nothing is run."""
+    folder = storage.join(storage.absolute(storage_path), name)
+    if not storage.exists(storage.join(folder, "results.json")):
+        raise PosetuneError(f"no results for a search named {name!r} in {storage_path} (set storage.path=...)")
+    about = json.loads(storage.read_text(storage.join(folder, "search.json")))
+    return json.loads(storage.read_text(storage.join(folder, "results.json"))), about["metric"], about["mode"]
 
 
 def rank_records(records: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:

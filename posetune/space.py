@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from posetune import storage
 from posetune.config import (
     Config,
     TrackingConfig,
@@ -111,7 +112,10 @@ class Resources(_Strict):
 
 class Storage(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    path: str = "runs/search"  # local folder (relative to the working directory)
+    # A local folder (relative to the working directory) or gs://BUCKET/PATH. On a cluster of
+    # more than one node it must be a bucket or a filesystem every node mounts (shared: true).
+    path: str = "runs/search"
+    shared: bool = False  # path is local but on a filesystem every node mounts (NFS, ...)
     keep_checkpoints: int = Field(2, gt=0)  # per trial; each holds last.pt and the trial's best.pt
 
 
@@ -226,7 +230,7 @@ def _check_base(space: SearchSpace, path: Path, config_overrides: list[str], pro
         return None
     if cfg.dataset.root is None:
         problems.append("base.overrides: dataset.root is not set (the dataset every trial trains on)")
-    elif space.base.synthetic is None and not Path(cfg.dataset.root).exists():
+    elif space.base.synthetic is None and not storage.exists(cfg.dataset.root):
         problems.append(
             f"dataset.root = {cfg.dataset.root!r} does not exist; create it (posetune data synth) "
             "or add base.synthetic to generate it on first use"

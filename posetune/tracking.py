@@ -35,11 +35,11 @@ from typing import Any
 
 from ray import tune
 
+from posetune import storage
 from posetune.config import Config, TrackingConfig, flatten
 from posetune.errors import PosetuneError
 from posetune.metrics import METRIC_NAMES
 from posetune.search import first_error_line, print_line, trial_status
-from posetune.storage import write_text_atomic
 from posetune.trial import TrialSetup, build_trial_config
 
 log = logging.getLogger(__name__)
@@ -250,13 +250,13 @@ class SearchTracking:
     log_checkpoints: bool
 
 
-def _read_state(folder: Path) -> dict[str, Any]:
-    path = folder / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {"trials": {}, "unlogged": []}
+def _read_state(folder: str) -> dict[str, Any]:
+    path = storage.join(folder, STATE_FILE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else {"trials": {}, "unlogged": []}
 
 
-def _write_state(folder: Path, state: dict[str, Any]) -> None:
-    write_text_atomic(folder / STATE_FILE, json.dumps(state, indent=2) + "\n")
+def _write_state(folder: str, state: dict[str, Any]) -> None:
+    storage.write_text(storage.join(folder, STATE_FILE), json.dumps(state, indent=2) + "\n")
 
 
 class TrackingCallback(tune.Callback):
@@ -283,7 +283,7 @@ class TrackingCallback(tune.Callback):
         return self._logger
 
     def _run_id(self, trial_id: str) -> str | None:
-        return _read_state(Path(self.settings.folder))["trials"].get(trial_id)
+        return _read_state(self.settings.folder)["trials"].get(trial_id)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         params = dict(trial.config)
@@ -311,12 +311,12 @@ class TrackingCallback(tune.Callback):
 
     def on_experiment_end(self, trials, **info):
         unlogged = self.logger.close(timeout_s=120)
-        state = _read_state(Path(self.settings.folder))
+        state = _read_state(self.settings.folder)
         state["unlogged"] = unlogged
-        _write_state(Path(self.settings.folder), state)
+        _write_state(self.settings.folder, state)
 
     def _finish(self, trial_id: str, status: str, error: str | None, checkpoint: str | None) -> None:
-        best = Path(checkpoint, "best.pt") if self.settings.log_checkpoints and checkpoint else None
+        best = storage.join(checkpoint, "best.pt") if self.settings.log_checkpoints and checkpoint else None
         self.logger.submit(
             f"final status ({status}) and best checkpoint of trial {trial_id}",
             lambda: close_run(self._client, self._require(trial_id), status, error, best),
@@ -332,7 +332,7 @@ class TrackingCallback(tune.Callback):
         """Exactly one child per trial: reuse the recorded one (a resumed trial continues its
         run), else one found by tag (a crash between creating and recording), else create."""
         with self._lock:
-            folder = Path(self.settings.folder)
+            folder = self.settings.folder
             run_id = self._run_id(trial_id) or self._find_child(trial_id)
             if run_id is None:
                 run = self._client.create_run(
@@ -377,13 +377,13 @@ class SearchTracker:
     """The driver's side: opens (or re-opens) the parent run, hands Tune the trial callback,
     and at the end logs the search's results, plots and best model to the parent run."""
 
-    def __init__(self, settings: TrackingConfig, name: str, folder: Path, say: Callable[[str], None] = print_line):
+    def __init__(self, settings: TrackingConfig, name: str, folder: str, say: Callable[[str], None] = print_line):
         self.config, self.name, self.folder, self.say = settings, name, folder, say
         self.uri = resolve_tracking_uri(settings.tracking_uri)
         self.experiment_name = settings.experiment_name or name
         self.model_name = settings.registered_model_name or f"posetune-{name}"
 
-    def start(self, space_file: Path, params: dict[str, Any], resume: bool) -> None:
+    def start(self, space_file: str, params: dict[str, Any], resume: bool) -> None:
         """Check the store and open the parent run (the same one when resuming). Synchronous:
         a tracking problem stops the search before anything trains."""
         check_tracking_uri(self.uri)
@@ -398,9 +398,9 @@ class SearchTracker:
             )
             state["parent_run_id"] = run.info.run_id
             log_params(client, run.info.run_id, params)
-            client.log_artifact(run.info.run_id, str(space_file), "search_space")
+            with storage.local_copy(space_file) as local:
+                client.log_artifact(run.info.run_id, str(local), "search_space")
         state["experiment_id"] = experiment_id
-        self.folder.mkdir(parents=True, exist_ok=True)
         _write_state(self.folder, state)
         self.say(f"MLflow: experiment '{self.experiment_name}' at {self.uri}, parent run {state['parent_run_id']}")
         self.experiment_id, self.parent_run_id = experiment_id, state["parent_run_id"]
@@ -443,7 +443,8 @@ class SearchTracker:
                 ),
             )
             for name in ("results.json", "summary.txt"):
-                client.log_artifact(parent, str(summary.experiment_dir / name))
+                with storage.local_copy(storage.join(summary.experiment_dir, name)) as local:
+                    client.log_artifact(parent, str(local))
 
         logger.submit("the search's best metrics, results.json and summary", outcome)
         if study is not None:
@@ -466,19 +467,20 @@ class SearchTracker:
                 self.say(f"plot skipped: {problem}")
             client.log_artifacts(run_id, folder, "plots")
 
-    def _register(self, run_id: str, checkpoint: Path, cfg: Config, best: dict) -> None:
+    def _register(self, run_id: str, checkpoint: str, cfg: Config, best: dict) -> None:
         version = register_model(self.uri, run_id, checkpoint, cfg, self.model_name, best["best_metrics"])
         self.say(f"MLflow: registered models:/{self.model_name}/{version} (trial {best['id']})")
 
 
-def close_run(client, run_id: str, status: str, error: str | None, best_checkpoint: Path | None) -> None:
+def close_run(client, run_id: str, status: str, error: str | None, best_checkpoint: str | None) -> None:
     """A trial's or a training run's end: its posetune status (and error) as tags, its best
-    checkpoint as an artifact, and MLflow's run state."""
+    checkpoint (a local path or gs://) as an artifact, and MLflow's run state."""
     client.set_tag(run_id, "posetune.status", status)
     if error:
         client.set_tag(run_id, "posetune.error", error[:5000])
-    if best_checkpoint is not None and best_checkpoint.exists():
-        client.log_artifact(run_id, str(best_checkpoint), "checkpoints")
+    if best_checkpoint is not None and storage.exists(best_checkpoint):
+        with storage.local_copy(best_checkpoint) as local:
+            client.log_artifact(run_id, str(local), "checkpoints")
     client.set_terminated(run_id, "FAILED" if status in ("failed", "diverged") else "FINISHED")
 
 
@@ -491,7 +493,7 @@ def _tag_list(tags: dict[str, Any]):
 # --- The model registry -----------------------------------------------------------------------
 
 
-def register_model(uri: str, run_id: str, checkpoint: Path, cfg: Config, name: str, metrics: dict) -> str:
+def register_model(uri: str, run_id: str, checkpoint: str, cfg: Config, name: str, metrics: dict) -> str:
     """Log the checkpoint's model as an MLflow PyTorch model in `run_id` and register it.
     The resolved config travels on the model (``posetune_config``) and as config.yaml."""
     import mlflow
@@ -595,7 +597,7 @@ class TrainTracker:
         """Close the run. `trained=False` (a user error before training) logs nothing."""
         out_dir = self.out_dir
 
-        best = out_dir / "checkpoints" / "best.pt" if self.cfg.tracking.log_checkpoints else None
+        best = str(out_dir / "checkpoints" / "best.pt") if self.cfg.tracking.log_checkpoints else None
 
         def apply() -> None:
             self._open_run()
@@ -612,7 +614,7 @@ class TrainTracker:
             self.logger.submit(
                 f"registering the model as '{name}'",
                 lambda: register_model(
-                    self.uri, self.run_id, out_dir / "checkpoints" / "best.pt", self.cfg, name, best
+                    self.uri, self.run_id, str(out_dir / "checkpoints" / "best.pt"), self.cfg, name, best
                 ),
             )
         return self.logger.close(timeout_s=300)

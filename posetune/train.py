@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from posetune import storage
 from posetune.checkpoint import load_checkpoint, save_checkpoint
 from posetune.config import Config, OptimizerConfig
 from posetune.data import PoseDataset, load_split, make_loader, set_epoch, to_model_input
@@ -37,7 +38,6 @@ from posetune.errors import ConfigError, DataError, PosetuneError, unknown_choic
 from posetune.losses import get_orientation_loss, pose_loss
 from posetune.metrics import METRIC_NAMES, metric_mode, pose_metrics
 from posetune.model import check_backbone, create_model
-from posetune.storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def _check_settings(cfg: Config) -> None:
 
 
 def _prepare_out_dir(cfg: Config, rank: int) -> Path:
-    out_dir = Path(cfg.system.out_dir) if cfg.system.out_dir else default_out_dir()
+    out_dir = storage.local_path(cfg.system.out_dir, "system.out_dir") if cfg.system.out_dir else default_out_dir()
     last = out_dir / "checkpoints" / "last.pt"
     if rank == 0 and last.exists() and not cfg.checkpoint.resume:
         raise ConfigError(
@@ -348,7 +348,7 @@ def fit(
     cfg = cfg.model_copy(deep=True)
     cfg.system.out_dir = str(out_dir)
     if rank == 0:
-        write_text_atomic(out_dir / "config.yaml", cfg.to_yaml())
+        storage.write_text(out_dir / "config.yaml", cfg.to_yaml())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -453,7 +453,7 @@ def fit(
             save_checkpoint(snapshot, checkpoints / "last.pt")
             if is_best:
                 save_checkpoint(snapshot, checkpoints / "best.pt")
-            write_text_atomic(
+            storage.write_text(
                 out_dir / "metrics.json", json.dumps({"history": state.history, "best": state.best}, indent=2)
             )
         if on_evaluation:

@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from posetune import storage
 from posetune.config import Config, config_from_dict
 from posetune.metrics import metric_mode
+from posetune.placement import ResourcePlan
 from posetune.space import SearchSpace, trial_config
 from posetune.train import TrainingDiverged, fit
 
-TRIAL_DRIVER_CPUS = 0.01  # the driver only waits on its workers; Ray rejects a zero request
 WORKER_RESTARTS = 2  # per trial, from the latest checkpoint
 CONTROLLER_RETRIES = 2  # worker-group start failures (e.g. resources never free) before giving up
+SCRATCH_PREFIX = "posetune-trial-"  # per-worker scratch folders: <tmp>/posetune-trial-<pid>-*
 
 
 @dataclass
@@ -38,9 +41,8 @@ class TrialSetup:
     space: SearchSpace
     base: dict[str, Any]  # the base config, paths made absolute
     train_size: int  # training samples, to turn the sample budget into epochs
-    use_gpu: bool
-    gpus_per_worker: float
-    train_storage: str  # where Ray Train keeps each trial's checkpoints
+    plan: ResourcePlan  # each worker's bundle, GPUs, how long to wait for resources
+    train_storage: str  # where Ray Train keeps each trial's checkpoints (folder or gs://)
 
 
 def epochs_for_budget(cfg: Config, train_size: int, workers: int, max_samples: int) -> int:
@@ -65,20 +67,25 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = build_trial_config(setup, params)
-    resources = setup.space.resources
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if setup.use_gpu:
-        per_worker["GPU"] = setup.gpus_per_worker
+    plan = setup.plan
+    # Ray Train waits this long for the workers' resources before retrying: on an autoscaling
+    # cluster long enough for a GPU node to start. Read from the environment by Train's
+    # controller, which inherits this process's.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(plan.start_timeout_s)
+    storage_path, filesystem = storage.ray_storage(setup.train_storage)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "metric": setup.space.search.metric},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=resources.workers_per_trial, use_gpu=setup.use_gpu, resources_per_worker=per_worker
+            num_workers=setup.space.resources.workers_per_trial,
+            use_gpu=plan.use_gpu,
+            resources_per_worker=plan.worker,
         ),
         run_config=ray.train.RunConfig(
             # One name per trial: a restarted trial finds and resumes its own Train run.
             name=ray.tune.get_context().get_trial_id(),
-            storage_path=setup.train_storage,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=setup.space.storage.keep_checkpoints),
             failure_config=ray.train.FailureConfig(
@@ -102,7 +109,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     cfg = config_from_dict(loop_config["config"])
-    scratch = Path(tempfile.mkdtemp(prefix="posetune-trial-"))
+    sweep_scratch()  # of workers on this node that were killed (a stopped trial's finally never runs)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     cfg.system.out_dir = str(scratch / "run")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group: continue from the latest report
@@ -139,3 +147,43 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report({"diverged": 1, "error": str(exc), metric: worst, "samples_seen": exc.samples_seen})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --- Scratch folders --------------------------------------------------------------------------
+
+
+def sweep_scratch() -> int:
+    """Remove this node's trial scratch folders whose worker process is gone. A worker that
+    ASHA stops (or that fails) is killed without running its clean-up, so the next worker on
+    the node and the end of the search clean up after it. Returns the folders removed."""
+    removed = 0
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_scratch_on_every_node() -> int:
+    """sweep_scratch on each live node of the cluster (one tiny task pinned to each)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0)(sweep_scratch)
+    pending = [
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    return sum(ray.get(pending, timeout=60))

@@ -51,12 +51,10 @@ def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys):
 
     # Exports: the best config trains, the best checkpoint evaluates.
     folder = tmp_path / "runs" / "t"
-    assert summary.best_config == folder / "best_config.yaml" and (folder / "best" / "model.pt").exists()
+    assert summary.best_config == str(folder / "best_config.yaml") and (folder / "best" / "model.pt").exists()
     assert (folder / "summary.txt").read_text().startswith("4 trials in")
     assert (
-        cli.main(
-            ["train", "--config", str(summary.best_config), "train.epochs=1", f"system.out_dir={tmp_path / 'retrain'}"]
-        )
+        cli.main(["train", "--config", summary.best_config, "train.epochs=1", f"system.out_dir={tmp_path / 'retrain'}"])
         == 0
     )
     assert (tmp_path / "retrain" / "checkpoints" / "best.pt").exists()
@@ -129,15 +127,19 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(ray_cluster, synth_
     assert seen == sorted(set(seen)) and seen[-1] == 768, seen
 
 
-def test_resource_plan():
-    space, _ = load_space("search_spaces/quick.yaml")
-    assert plan_resources(space, {"CPU": 2}).concurrency == 2
-    assert plan_resources(space, {"CPU": 16}).concurrency == 8  # never more than num_samples
-    default, _ = load_space("search_spaces/default.yaml")
-    plan = plan_resources(default, {"CPU": 48, "GPU": 4})
-    assert plan.use_gpu and plan.concurrency == 4
-    assert not plan_resources(default, {"CPU": 48}).use_gpu
+def test_resource_plan_of_the_shipped_spaces():
     from posetune.errors import ConfigError
+    from posetune.placement import ClusterShape, Node
 
-    with pytest.raises(ConfigError, match=r"one trial needs 6\.01 CPUs .* the cluster has 2 CPUs"):
-        plan_resources(default, {"CPU": 2})
+    def one_node(**resources):
+        return ClusterShape([Node({k: float(v) for k, v in resources.items()})])
+
+    space, _ = load_space("search_spaces/quick.yaml")
+    assert plan_resources(space, one_node(CPU=2)).concurrency == 2
+    assert plan_resources(space, one_node(CPU=16)).concurrency == 8  # never more than num_samples
+    default, _ = load_space("search_spaces/default.yaml")
+    plan = plan_resources(default, one_node(CPU=48, GPU=4))
+    assert plan.use_gpu and plan.concurrency == 4
+    assert not plan_resources(default, one_node(CPU=48)).use_gpu
+    with pytest.raises(ConfigError, match=r"one trial needs 1 worker\(s\) of \{CPU: 6\} but no node can hold that"):
+        plan_resources(default, one_node(CPU=2))
