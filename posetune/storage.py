@@ -282,8 +282,6 @@ class GCSStorage(Storage):
         self._call(uri, "uploading to", lambda: blob.upload_from_filename(str(local), retry=DEFAULT_RETRY))
 
     def copy(self, source: str, destination: str) -> None:
-        if scheme_of(destination) != "gs":
-            return super().copy(source, destination)
         (src_bucket, src_key), (dst_bucket, dst_key) = self.split(source), self.split(destination)
         bucket = self.client.bucket(src_bucket)
         self._call(
@@ -484,7 +482,7 @@ def copy(source: str | Path, destination: str | Path) -> None:
     """Copy one file between any two locations (within a bucket, without passing through here)."""
     source, destination = str(source), str(destination)
     store = backend(source)
-    if type(store) is type(backend(destination)) or isinstance(store, GCSStorage):
+    if type(store) is type(backend(destination)):  # within one scheme (a bucket copies server-side)
         store.copy(source, destination)
     elif is_local(destination):
         store.download(source, LocalStorage.path(destination))

@@ -1,0 +1,92 @@
+"""Resource plans worked out by hand for several cluster shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+from posetune.errors import ConfigError
+from posetune.placement import (
+    DRIVER_RESOURCE,
+    HEAD_RESOURCE,
+    START_TIMEOUT_AUTOSCALE_S,
+    START_TIMEOUT_NOW_S,
+    ClusterShape,
+    Node,
+    plan_resources,
+    trials_that_fit,
+)
+
+
+def nodes(count: int, **resources) -> list[Node]:
+    return [Node({k: float(v) for k, v in resources.items()})] * count
+
+
+def plan(cluster, workers=1, cpus=1.0, gpus="auto", samples=100, concurrent=None):
+    return plan_resources(
+        workers_per_trial=workers,
+        cpus_per_worker=cpus,
+        gpus_per_worker=gpus,
+        num_samples=samples,
+        max_concurrent_trials=concurrent,
+        cluster=cluster,
+    )
+
+
+def test_bundles_pack_onto_nodes_not_onto_totals():
+    # Two 4-CPU nodes: 8 CPUs in total, but a 3-CPU worker leaves 1 CPU on each node.
+    assert trials_that_fit(nodes(2, CPU=4), {"CPU": 3}, workers=1, limit=10) == 2
+    assert trials_that_fit(nodes(1, CPU=8), {"CPU": 3}, workers=1, limit=10) == 2
+    # Two-worker trials of 3 CPUs on three 4-CPU nodes: totals say 2, nodes hold 1.
+    assert trials_that_fit(nodes(3, CPU=4), {"CPU": 3}, workers=2, limit=10) == 1
+    # Four 1-GPU nodes hold four 1-GPU workers; a 2-GPU worker fits none of them.
+    assert trials_that_fit(nodes(4, CPU=8, GPU=1), {"CPU": 4, "GPU": 1}, workers=1, limit=10) == 4
+    assert trials_that_fit(nodes(4, CPU=8, GPU=1), {"CPU": 4, "GPU": 2}, workers=1, limit=10) == 0
+    # Mixed shapes: an 8-GPU node holds two 4-worker trials, two 1-GPU nodes one 2-worker one.
+    mixed = nodes(1, CPU=64, GPU=8) + nodes(2, CPU=8, GPU=1)
+    assert trials_that_fit(mixed, {"CPU": 4, "GPU": 1}, workers=4, limit=10) == 2
+    assert trials_that_fit(mixed, {"CPU": 4, "GPU": 1}, workers=2, limit=10) == 5
+    assert trials_that_fit(mixed, {"CPU": 4, "GPU": 1}, workers=2, limit=3) == 3  # num_samples caps it
+
+
+def test_cpu_cluster_plan():
+    p = plan(ClusterShape(nodes(1, CPU=2, **{HEAD_RESOURCE: 1})), cpus=0.95, samples=8)
+    assert (p.concurrency, p.fit_now, p.gpus_per_worker) == (2, 2, 0.0)
+    assert p.worker == {"CPU": 0.95} and p.driver == {HEAD_RESOURCE: 0.001}
+    assert p.start_timeout_s == START_TIMEOUT_NOW_S
+    assert "no GPU on any node (or node type): trials train on CPU" in p.notes
+
+
+def test_autoscaler_from_zero_gpus_plans_for_its_maximum_and_asks_for_gpus():
+    # Head (CPU only, hosts drivers) is up; the autoscaler may start up to 4 L4 nodes (1 GPU)
+    # and 2 A100 nodes (8 GPUs each), none of them up yet.
+    head = nodes(1, CPU=8, **{DRIVER_RESOURCE: 1000, HEAD_RESOURCE: 1})
+    potential = head + nodes(4, CPU=8, GPU=1) + nodes(2, CPU=96, GPU=8)
+    p = plan(ClusterShape(head, potential), cpus=6, samples=48)
+    assert p.gpus_per_worker == 1.0 and p.worker == {"CPU": 6, "GPU": 1.0}  # auto asks for GPUs
+    # 4 on L4 nodes (one each) + 16 on the A100 nodes (96 CPUs / 6 = 16 >= 8 GPUs: 8 each).
+    assert p.concurrency == 4 + 16 and p.fit_now == 0
+    assert p.start_timeout_s == START_TIMEOUT_AUTOSCALE_S  # wait for the autoscaler, do not fail
+    assert p.driver == {DRIVER_RESOURCE: 0.001}  # on the head / non-preemptible nodes
+    assert any("wait for the autoscaler" in note for note in p.notes)
+
+
+def test_explicit_concurrency_and_gpu_count():
+    cluster = ClusterShape(nodes(2, CPU=8, GPU=2))
+    p = plan(cluster, gpus=2, cpus=4, concurrent=5)
+    assert p.concurrency == 5 and p.fit_now == 2 and p.worker == {"CPU": 4, "GPU": 2.0}
+    assert "search.max_concurrent_trials = 5, but only 2 fit" in p.notes[0]
+    assert plan(cluster, gpus=0, cpus=4).gpus_per_worker == 0.0  # an explicit 0 means CPU
+
+
+def test_a_trial_that_can_never_be_placed_is_an_error_naming_the_resources():
+    cluster = ClusterShape(nodes(1, CPU=8), nodes(1, CPU=8) + nodes(3, CPU=16, GPU=1))
+    with pytest.raises(ConfigError, match=r"2 worker\(s\) of \{CPU: 4, GPU: 2\} but no node can hold that"):
+        plan(cluster, workers=2, cpus=4, gpus=2)
+    with pytest.raises(ConfigError, match=r"the largest node has \{CPU: 16, GPU: 1\}"):
+        plan(cluster, cpus=32)
+
+
+def test_multi_node_is_judged_on_what_the_cluster_may_become():
+    assert not ClusterShape(nodes(1, CPU=2)).multi_node
+    assert ClusterShape(nodes(2, CPU=2)).multi_node
+    assert ClusterShape(nodes(1, CPU=2), nodes(1, CPU=2) + nodes(1, CPU=8, GPU=1)).multi_node
