@@ -122,7 +122,9 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-    hook = {"worker_process_setup_hook": "posetune.worker_logging.quiet_ray_internals"}
+    hook: dict[str, Any] = {"worker_process_setup_hook": "posetune.worker_logging.quiet_ray_internals"}
+    if os.environ.get("STORAGE_EMULATOR_HOST"):  # a GCS emulator reaches every worker too
+        hook["env_vars"] = {"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=hook, **quiet)
         return False
@@ -134,7 +136,7 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     # The dashboard process stays: Ray's state API behind it frees the workers of trials
     # that ASHA stops; without it they leak and later trials wait forever. Nothing is
     # preempted on a local instance, so Ray Train's preemption watcher (noisy) is off.
-    no_preemption = {**hook, "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+    no_preemption = {**hook, "env_vars": {**hook.get("env_vars", {}), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
     # Every Ray process wakes up to collect metrics; on a small machine that competes with
     # training (measured ~5% of a 2-core box). Local instances skip it unless the user asks.
     os.environ.setdefault("RAY_enable_metrics_collection", "0")

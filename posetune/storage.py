@@ -18,6 +18,7 @@ calls the functions at the bottom of this module with the user's string and neve
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import hashlib
 import logging
@@ -311,6 +312,8 @@ class GCSStorage(Storage):
         for blob in self._call(uri, "listing", lambda: list(self.client.list_blobs(bucket, prefix=prefix))):
             self._call(uri, "deleting", blob.delete)
 
+    RAY_RETRY_LIMIT = datetime.timedelta(minutes=5)  # pyarrow's default (15 min) hides a dead end
+
     def ray_storage(self, uri: str) -> tuple[str, Any]:
         import pyarrow.fs
 
@@ -318,9 +321,11 @@ class GCSStorage(Storage):
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator:
             scheme, _, host = emulator.partition("://")
-            filesystem = pyarrow.fs.GcsFileSystem(anonymous=True, endpoint_override=host or scheme, scheme=scheme)
-        else:
-            filesystem = pyarrow.fs.GcsFileSystem()  # Application Default Credentials
+            filesystem = pyarrow.fs.GcsFileSystem(
+                anonymous=True, endpoint_override=host or scheme, scheme=scheme, retry_time_limit=self.RAY_RETRY_LIMIT
+            )
+        else:  # Application Default Credentials
+            filesystem = pyarrow.fs.GcsFileSystem(retry_time_limit=self.RAY_RETRY_LIMIT)
         return f"{bucket}/{key}".rstrip("/"), filesystem
 
     def from_ray_path(self, path: str) -> str:
@@ -511,7 +516,7 @@ def local_copy(uri: str | Path) -> Iterator[Path]:
     """A local file with the content at uri, for APIs that take only local paths (MLflow's
     log_artifact): the file itself when it is local, else a temporary download."""
     if is_local(uri):
-        yield LocalStorage.path(str(uri))
+        yield LocalStorage().read_path(str(uri))  # a StorageError when it is missing
         return
     with tempfile.TemporaryDirectory(prefix="posetune-") as folder:
         local = Path(folder, name_of(uri))

@@ -316,7 +316,9 @@ class TrackingCallback(tune.Callback):
         _write_state(self.settings.folder, state)
 
     def _finish(self, trial_id: str, status: str, error: str | None, checkpoint: str | None) -> None:
-        best = storage.join(checkpoint, "best.pt") if self.settings.log_checkpoints and checkpoint else None
+        best = None
+        if self.settings.log_checkpoints and checkpoint:  # Ray's path (bucket-relative on gs://) as a URI
+            best = storage.join(storage.from_ray_path(self.settings.folder, checkpoint), "best.pt")
         self.logger.submit(
             f"final status ({status}) and best checkpoint of trial {trial_id}",
             lambda: close_run(self._client, self._require(trial_id), status, error, best),
@@ -478,7 +480,7 @@ def close_run(client, run_id: str, status: str, error: str | None, best_checkpoi
     client.set_tag(run_id, "posetune.status", status)
     if error:
         client.set_tag(run_id, "posetune.error", error[:5000])
-    if best_checkpoint is not None and storage.exists(best_checkpoint):
+    if best_checkpoint is not None:  # one that cannot be read is reported as not logged
         with storage.local_copy(best_checkpoint) as local:
             client.log_artifact(run_id, str(local), "checkpoints")
     client.set_terminated(run_id, "FAILED" if status in ("failed", "diverged") else "FINISHED")
@@ -597,7 +599,8 @@ class TrainTracker:
         """Close the run. `trained=False` (a user error before training) logs nothing."""
         out_dir = self.out_dir
 
-        best = str(out_dir / "checkpoints" / "best.pt") if self.cfg.tracking.log_checkpoints else None
+        best_file = out_dir / "checkpoints" / "best.pt"  # none when training stopped before an evaluation
+        best = str(best_file) if self.cfg.tracking.log_checkpoints and best_file.exists() else None
 
         def apply() -> None:
             self._open_run()

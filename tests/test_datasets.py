@@ -66,9 +66,9 @@ def test_zipped_dataset_in_a_bucket(gcs, bucket, synth_small, tmp_path, caplog):
     local = storage.fetch_dataset(f"gs://{bucket}/synth.zip", tmp_path)
     assert local.name == "synth.zip" and local.is_file()
     assert storage.fetch_dataset(f"gs://{bucket}/synth.zip", tmp_path) == local and fetches(caplog) == 1
+    root = f"gs://{bucket}/synth.zip"
     cfg = load_config(
-        overrides=[f"dataset.root=gs://{bucket}/synth.zip", f"dataset.cache_dir={tmp_path}", "dataset.image_scale=64x40"],
-        environ={},
+        overrides=[f"dataset.root={root}", f"dataset.cache_dir={tmp_path}", "dataset.image_scale=64x40"], environ={}
     )
     assert len(load_split(cfg, "val")) == 32
     with pytest.raises(DataError, match=f"dataset.root gs://{bucket}/other.zip does not exist"):

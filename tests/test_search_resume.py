@@ -3,6 +3,7 @@ own local Ray instance (none may be running when this module starts)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -132,3 +133,83 @@ def test_no_ray_process_is_left_running():
     time.sleep(1)
     assert not ray_processes()
     assert os.environ.get("RAY_ADDRESS") is None
+
+
+def test_search_in_a_bucket_resumes_from_a_fresh_machine(gcs, bucket, synth_small, tmp_path):
+    """Everything lives in the bucket: after SIGKILL the search resumes from another working
+    directory with an empty cache (a new head node), and its results, best config and best
+    checkpoint are read from anywhere."""
+    from posetune import storage
+    from posetune.datasets import push_dataset
+
+    push_dataset(str(synth_small), f"gs://{bucket}/data")
+    searches = f"gs://{bucket}/searches"
+    space = tiny_space(
+        tmp_path,
+        synth_small,
+        name="g",
+        search__num_samples=2,
+        search__asha={"max_samples": 576, "grace_samples": 576, "reduction_factor": 2},
+        search__points_to_evaluate=[],
+        storage__path=searches,
+        base__overrides={
+            "dataset.root": f"gs://{bucket}/data",
+            "dataset.image_scale": "64x40",
+            "dataset.num_workers": 0,
+            "train.batch_size": 16,
+            "val.eval_freq": 1,
+        },
+    )
+
+    def records():
+        path = f"{searches}/g/results.json"
+        return json.loads(storage.read_text(path))["trials"] if storage.exists(path) else []
+
+    first = tmp_path / "first-machine"
+    first.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(first / "cache")}
+    with open(first / "out.txt", "w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "posetune", "search", str(space)], cwd=first, stdout=out, stderr=out, env=env
+        )
+    try:
+        wait_for(lambda: any(r["samples_seen"] >= 192 for r in records()), 400, "two results in the bucket")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    wait_for(lambda: not ray_processes(), 60, "Ray processes to exit after SIGKILL")
+    assert list(first.iterdir()) != [] and not (first / "runs").exists()  # nothing of the search is local
+
+    second = tmp_path / "second-machine"
+    second.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(second / "cache")}
+    resumed = subprocess.run(
+        [sys.executable, "-m", "posetune", "search", str(space), "--resume"],
+        cwd=second,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["status"] for r in records()] == ["completed", "completed"]
+    assert f"best checkpoint: {searches}/g/best/model.pt" in resumed.stdout
+
+    third = tmp_path / "third-machine"
+    third.mkdir()
+    shown = subprocess.run(
+        [sys.executable, "-m", "posetune", "results", "g", f"storage.path={searches}"],
+        cwd=third,
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0 and shown.stdout.splitlines()[0].split()[:2] == ["trial", "status"], shown.stderr
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "posetune", "evaluate", "--checkpoint", f"{searches}/g/best/model.pt"],
+        cwd=third,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(third / "cache")},
+    )
+    assert evaluated.returncode == 0 and "val split: 32 samples" in evaluated.stdout, evaluated.stderr
+    assert sorted(p.name for p in third.iterdir()) == ["cache"]  # only the fetched dataset

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_local_round_trip_and_atomic_writes(tmp_path):
 def test_unknown_scheme_and_remote_where_local_is_required():
     with pytest.raises(StorageError, match=r"unsupported scheme s4:// \(supported: local paths, file://, gs://"):
         storage.read_bytes("s4://bucket/key")
-    with pytest.raises(StorageError, match="system.out_dir must be a local folder or file, got gs://b/x"):
+    with pytest.raises(StorageError, match=r"system\.out_dir must be a local folder or file, got gs://b/x"):
         storage.local_path("gs://b/x", "system.out_dir")
 
 
@@ -99,9 +100,9 @@ def test_ray_storage_is_a_pyarrow_filesystem_on_the_same_bucket(gcs, bucket):
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
+    files: typing.ClassVar[dict[str, bytes]] = {}
 
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         if self.path == "/slow":
             time.sleep(3)
         if self.path == "/endless":  # no Content-Length: only the streamed count can stop it
@@ -155,7 +156,7 @@ def test_http_size_cap_and_timeout(http_server, tmp_path):
     url, files = http_server
     files["/big"] = b"y" * 5000
     small = storage.HTTPStorage(max_bytes=1000, timeout_s=1)
-    with pytest.raises(StorageError, match="larger than the .* MiB download limit"):
+    with pytest.raises(StorageError, match=r"larger than the .* MiB download limit"):
         small.read_bytes(f"{url}/big")  # refused from its Content-Length
     with pytest.raises(StorageError, match="download limit"):
         small.read_bytes(f"{url}/endless")  # refused while streaming
