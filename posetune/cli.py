@@ -40,6 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from posetune.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # config errors come before torch's import time
+    from posetune import storage
     from posetune.train import TrainingDiverged, default_out_dir, fit
 
     cfg.system.out_dir = cfg.system.out_dir or str(default_out_dir())
@@ -48,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from posetune.tracking import TrainTracker
 
         tracker = TrainTracker(cfg)
-        tracker.start(Path(cfg.system.out_dir))  # a tracking problem stops us before training
+        tracker.start(storage.local_path(cfg.system.out_dir, "system.out_dir"))  # before training
     start = time.perf_counter()
     try:
         result = fit(cfg, on_evaluation=tracker.on_evaluation if tracker else None)

@@ -148,7 +148,7 @@ def load_space(path: str | Path, overrides: list[str] = (), name: str | None = N
     `overrides` may set search-file keys (search.num_samples=4) or base config keys
     (train.epochs=3); `name` replaces storage.name. Raises one ConfigError listing every problem.
     """
-    path = Path(path)
+    path = storage.local_path(path, "the search-space file")
     raw = read_yaml_mapping(path, "search space")
     space_overrides, config_overrides = split_overrides(list(overrides))
     for text in space_overrides:

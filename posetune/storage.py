@@ -537,6 +537,13 @@ def upload_tree(local: Path, uri: str, progress: Callable[[int], None] | None = 
     return sent
 
 
+def download_tree(uri: str | Path, local: Path) -> None:
+    """Copy every file under uri into the local folder (each verified and atomic)."""
+    store = backend(uri)
+    for name in store.list_files(str(uri)):
+        store.download(join(uri, name) if name else str(uri), local / (name or name_of(uri)))
+
+
 # --- Datasets: one local copy per node --------------------------------------------------------
 
 

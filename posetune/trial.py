@@ -75,7 +75,11 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     storage_path, filesystem = storage.ray_storage(setup.train_storage)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "metric": setup.space.search.metric},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "metric": setup.space.search.metric,
+            "train_storage": setup.train_storage,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=setup.space.resources.workers_per_trial,
             use_gpu=plan.use_gpu,
@@ -115,8 +119,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group: continue from the latest report
         local = scratch / "run" / "checkpoints"
-        with checkpoint.as_directory() as folder:
-            shutil.copytree(folder, local)
+        # Through posetune's storage rather than checkpoint.as_directory(): pyarrow's GCS
+        # download of a large object stalls against the GCS emulator the tests run on, and
+        # google-cloud-storage checks each file's CRC32C.
+        storage.download_tree(storage.from_ray_path(loop_config["train_storage"], checkpoint.path), local)
         cfg.checkpoint.resume = str(local / "last.pt")
 
     def report(evaluation) -> None:

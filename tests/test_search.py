@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +53,9 @@ def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys):
     # Each pruned trial's intermediate values run up to where ASHA stopped it (step = samples).
     stopped_at = sorted(r["samples_seen"] for r in records if r["status"] == "stopped_early")
     assert sorted(t.last_step for t in study.trials if t.state.name == "PRUNED") == stopped_at
+
+    # Every trial's scratch folder is gone, those of workers ASHA killed included.
+    assert not list(Path(tempfile.gettempdir()).glob("posetune-trial-*"))
 
     # Exports: the best config trains, the best checkpoint evaluates.
     folder = tmp_path / "runs" / "t"
@@ -143,3 +151,18 @@ def test_resource_plan_of_the_shipped_spaces():
     assert not plan_resources(default, one_node(CPU=48)).use_gpu
     with pytest.raises(ConfigError, match=r"one trial needs 1 worker\(s\) of \{CPU: 6\} but no node can hold that"):
         plan_resources(default, one_node(CPU=2))
+
+
+def test_scratch_of_dead_workers_is_swept(tmp_path, monkeypatch):
+    from posetune.trial import sweep_scratch
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        (tmp_path / f"posetune-trial-{dead.stdout.strip()}-abc" / "run").mkdir(parents=True)
+        (tmp_path / f"posetune-trial-{os.getpid()}-def").mkdir()
+        assert sweep_scratch() == 1
+        assert [p.name for p in tmp_path.iterdir()] == [f"posetune-trial-{os.getpid()}-def"]
+    finally:
+        tempfile.tempdir = None
