@@ -506,9 +506,10 @@ def run_search(
         plan = plan_resources(space, cluster)
         for line in describe_plan(space, base, plan):
             say(line)
+        setup = TrialSetup(space, base.to_dict(), train_size, plan, storage.join(folder, "train"))
+        callbacks = extra_callbacks(setup) if extra_callbacks else []  # tracking: may refuse to start
         about = {"fingerprint": fingerprint, "metric": space.search.metric, "mode": space.search.resolved_mode}
         storage.write_text(storage.join(folder, "search.json"), json.dumps(about) + "\n")
-        setup = TrialSetup(space, base.to_dict(), train_size, plan, storage.join(folder, "train"))
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), plan.driver)
         monitor = SearchMonitor(
             storage.join(folder, "results.json"),
@@ -522,7 +523,7 @@ def run_search(
             name=TUNE_FOLDER,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            callbacks=[MonitorCallback(monitor), *(extra_callbacks(setup) if extra_callbacks else [])],
+            callbacks=[MonitorCallback(monitor), *callbacks],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=1),  # a crashed trial driver is retried once
         )
