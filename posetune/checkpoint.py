@@ -17,7 +17,7 @@ from posetune import storage
 from posetune.errors import CheckpointError, PosetuneError
 
 FORMAT = "posetune-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: "rng" holds one state per rank
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

@@ -47,6 +47,9 @@ class TrainConfig(Section):
     beta_loss: float = Field(1.0, ge=0)  # weight of the orientation loss
     sample_size: int = Field(0, ge=0)  # use the first N training captures; 0 = all
     shuffle: bool = True  # the reference never shuffles; shuffling is almost always better
+    # torch.compile the model: faster steps on GPU after a compile of tens of seconds; off until
+    # benchmarks/gpu.py has measured it on the GPU in use.
+    compile: bool = False
 
 
 class ValConfig(Section):
@@ -77,6 +80,10 @@ class DatasetConfig(Section):
     cache: bool = True
     cache_dir: str | None = None  # default: $XDG_CACHE_HOME/posetune (or ~/.cache/posetune)
     num_workers: int | None = Field(None, ge=0)  # DataLoader workers when decoding; None = auto
+    # Training DataLoader worker processes (pinned memory, prefetch, persistent). None = auto:
+    # none for the cached memory map on CPU (a slice of it is ~65x faster than the step there,
+    # measured; workers only add copies), else min(4, CPUs) so decoding overlaps the step.
+    loader_workers: int | None = Field(None, ge=0)
 
     @field_validator("image_scale")
     @classmethod
@@ -114,6 +121,9 @@ class ModelConfig(Section):
     # ImageNet runs; in short runs their running statistics lag the weights so far that early
     # evaluations look like random guessing (and ASHA stops good trials). None keeps torchvision's.
     batchnorm_momentum: float | None = Field(0.1, gt=0, le=1)
+    # Multi-worker trials: BatchNorm statistics over every worker's batch together, so that
+    # N workers x batch B update like one batch of N x B (per-worker BatchNorm does not).
+    sync_batchnorm: bool = False
     translation_head: list[int] = Field(default_factory=lambda: [256, 64])  # reference widths
     orientation_head: list[int] = Field(default_factory=lambda: [256, 64])
 
@@ -140,6 +150,7 @@ class OptimizerConfig(Section):
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # floor of decaying schedules, as a share of lr
     grad_clip_norm: float | None = Field(None, gt=0)  # clip the global gradient norm; None = off
+    fused: bool = False  # torch's fused Adam kernel on CUDA (ignored on CPU); off until measured
 
 
 class CheckpointConfig(Section):

@@ -173,6 +173,17 @@ def decode_workers(cfg: Config) -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def loader_workers(cfg: Config, device: torch.device) -> int:
+    """Training DataLoader workers: dataset.loader_workers, or by default none for the cached
+    memory map on a CPU (measured in benchmarks/pipeline.py: workers only add copies there) and
+    min(4, CPUs) otherwise, so that decoding and host-to-device copies overlap the step."""
+    if cfg.dataset.loader_workers is not None:
+        return cfg.dataset.loader_workers
+    if cfg.dataset.cache and device.type == "cpu":
+        return 0
+    return min(4, os.cpu_count() or 1)
+
+
 def make_loader(
     dataset: PoseDataset,
     batch_size: int,
@@ -199,8 +210,9 @@ def make_loader(
         sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
         batch_size=None,  # the dataset returns whole batches
         num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,  # page-locked batches: asynchronous (non_blocking) copies to the GPU
+        persistent_workers=num_workers > 0,  # no worker start-up at every epoch
+        prefetch_factor=4 if num_workers > 0 else None,  # batches ready ahead of the step
     )
 
 
@@ -212,13 +224,27 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def to_model_input(images: torch.Tensor, device: torch.device, normalize: str, channels_last: bool) -> torch.Tensor:
+def normalization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on the device: made once per run, not per
+    batch (a host-to-device copy each time)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def to_model_input(
+    images: torch.Tensor,
+    device: torch.device,
+    normalize: str,
+    channels_last: bool,
+    constants: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float on the device, scaled to [0, 1], optionally
-    ImageNet-normalised. Conversion happens after the copy, so only uint8 crosses the bus."""
+    ImageNet-normalised (with `constants` from ``normalization``). Conversion happens after the
+    copy, so only uint8 crosses the bus."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     if normalize == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean, std = constants or normalization(device)
         x = (x - mean) / std
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=memory_format)

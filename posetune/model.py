@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torchvision
 from torch import nn
 
@@ -152,3 +153,54 @@ def check_backbone(name: str) -> None:
     """Fail before any data is read when the name is unknown."""
     if name not in BACKBONES:
         raise unknown_choice("model.backbone", name, BACKBONES)
+
+
+# --- Synchronised BatchNorm (model.sync_batchnorm) --------------------------------------------
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics are those of every rank's batch together, so that a
+    multi-worker (DDP) update equals one big batch's. torch's own ``nn.SyncBatchNorm`` runs
+    on GPUs only; this one works on any device (CPU workers, the tests' gloo processes) through
+    torch.distributed.nn's differentiable all_reduce. On CUDA posetune uses torch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = x.shape[1]
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in >= fp32
+        count = x.new_tensor([x.numel() / channels], dtype=x32.dtype)
+        # (2C + 1,): per-channel sums and sums of squares, and the sample count, of all ranks
+        stats = all_reduce(torch.cat([x32.sum((0, 2, 3)), (x32 * x32).sum((0, 2, 3)), count]))
+        total = stats[-1]
+        mean = stats[:channels] / total
+        var = (stats[channels : 2 * channels] / total - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * total / (total - 1).clamp_min(1)
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        y = (x32 - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def use_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm2d of the model synchronised across ranks (call before DDP wraps it)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = SyncBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            sync.load_state_dict(child.state_dict())
+            setattr(model, name, sync.to(next(child.buffers()).device))
+        else:
+            use_sync_batchnorm(child, device)
+    return model

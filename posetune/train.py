@@ -33,11 +33,19 @@ from torch.nn.parallel import DistributedDataParallel
 from posetune import storage
 from posetune.checkpoint import load_checkpoint, save_checkpoint
 from posetune.config import Config, OptimizerConfig
-from posetune.data import PoseDataset, load_split, make_loader, set_epoch, to_model_input
+from posetune.data import (
+    PoseDataset,
+    load_split,
+    loader_workers,
+    make_loader,
+    normalization,
+    set_epoch,
+    to_model_input,
+)
 from posetune.errors import ConfigError, DataError, PosetuneError, unknown_choice
 from posetune.losses import get_orientation_loss, pose_loss
 from posetune.metrics import METRIC_NAMES, metric_mode, pose_metrics
-from posetune.model import check_backbone, create_model
+from posetune.model import check_backbone, create_model, use_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +111,9 @@ class Runtime:
     amp_dtype: torch.dtype | None = None
     normalize: str = "imagenet"
 
+    def __post_init__(self) -> None:
+        self.constants = normalization(self.device)  # made once: no per-batch host-to-device copy
+
     @property
     def channels_last(self) -> bool:
         # NHWC is faster for convolutions on GPUs and, measured here, on CPUs too (+15-60%).
@@ -114,7 +125,7 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        return to_model_input(images, self.device, self.normalize, self.channels_last)
+        return to_model_input(images, self.device, self.normalize, self.channels_last, self.constants)
 
 
 # --- One epoch, one evaluation ----------------------------------------------------------------
@@ -131,13 +142,16 @@ class TrainState:
     best: dict[str, Any] | None = None
 
 
-def _finite_everywhere(finite: bool, rt: Runtime) -> bool:
-    """All ranks agree, so they stop together instead of one waiting in an all-reduce."""
-    if rt.world_size == 1:
-        return finite
-    flag = torch.tensor([0.0 if finite else 1.0], device=rt.device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return flag.item() == 0.0
+DIVERGENCE_CHECK_STEPS = 16  # optimizer steps between reads of the loss on the host
+
+
+def _any_nonfinite(flag: torch.Tensor, rt: Runtime) -> bool:
+    """Read the device-side "a loss was not finite" flag: one host-device sync, and every rank
+    agrees (all-reduced), so they stop together instead of one waiting in an all-reduce."""
+    if rt.world_size > 1:
+        flag = flag.clone()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def train_one_epoch(
@@ -153,12 +167,18 @@ def train_one_epoch(
     progress: bool,
 ) -> float:
     """Train on every batch once; return the mean loss. Gradient accumulation divides each
-    micro-batch loss by its group's size, so an update equals that of one big batch."""
+    micro-batch loss by its group's size, so an update equals that of one big batch.
+
+    Nothing waits for the device in steady state: the loss sum and a "not finite" flag stay on
+    the device and are read every DIVERGENCE_CHECK_STEPS optimizer steps and at the epoch's
+    end, so a diverging run stops within 16 optimizer steps (16 x accumulation_steps batches)."""
     from tqdm import tqdm
 
     model.train()
     batches, accumulate = len(loader), cfg.train.accumulation_steps
-    total_loss, start, finite = 0.0, time.perf_counter(), True
+    loss_sum = torch.zeros((), device=rt.device)
+    nonfinite = torch.zeros((), device=rt.device)  # 1.0 once any loss was inf/NaN
+    start = time.perf_counter()
     bar = tqdm(
         total=batches,
         desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
@@ -168,6 +188,9 @@ def train_one_epoch(
         file=sys.stderr,
     )
     for i, (images, translations, quaternions) in enumerate(loader):
+        # Labels first and asynchronous (pinned memory on CUDA): the copies overlap the forward.
+        translations = translations.to(rt.device, non_blocking=True)
+        quaternions = quaternions.to(rt.device, non_blocking=True)
         group_start = i - i % accumulate
         group_size = min(accumulate, batches - group_start)
         last_in_group = i - group_start == group_size - 1
@@ -180,39 +203,35 @@ def train_one_epoch(
         with sync:
             with rt.autocast():
                 translation, quaternion = model(rt.inputs(images))
-            loss = pose_loss(
-                translation,
-                quaternion,
-                translations.to(rt.device),
-                quaternions.to(rt.device),
-                cfg.train.beta_loss,
-                loss_fn,
-            )
+            loss = pose_loss(translation, quaternion, translations, quaternions, cfg.train.beta_loss, loss_fn)
             scaler.scale(loss / group_size).backward()
         state.samples_seen += len(images) * rt.world_size
-        value = loss.item()  # one device sync per batch
-        total_loss += value
-        finite = finite and math.isfinite(value)
-        if last_in_group:
-            if not _finite_everywhere(finite, rt):
+        loss = loss.detach()
+        loss_sum += loss
+        nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss)).float())
+        bar.update()
+        if not last_in_group:
+            continue
+        for group in optimizer.param_groups:
+            group["lr"] = lr_for_step(state.step)
+        if cfg.optimizer.grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        if state.step % DIVERGENCE_CHECK_STEPS == 0 or i == batches - 1:
+            if _any_nonfinite(nonfinite, rt):
                 raise TrainingDiverged(
-                    f"training diverged at epoch {state.epoch + 1} (loss {value:g}); lower optimizer.lr",
+                    f"training diverged at epoch {state.epoch + 1} (loss {loss.item():g}); lower optimizer.lr",
                     state.samples_seen,
                 )
-            for group in optimizer.param_groups:
-                group["lr"] = lr_for_step(state.step)
-            if cfg.optimizer.grad_clip_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-        images_per_second = (i + 1) * len(images) * rt.world_size / (time.perf_counter() - start)
-        bar.update()
-        bar.set_postfix(loss=f"{total_loss / (i + 1):.4f}", img_s=f"{images_per_second:.0f}")
+            if progress:
+                images_per_second = (i + 1) * len(images) * rt.world_size / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}", img_s=f"{images_per_second:.0f}")
     bar.close()
-    return total_loss / max(1, batches)
+    return loss_sum.item() / max(1, batches)
 
 
 @torch.no_grad()
@@ -318,6 +337,16 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
+def _rng_states(rt: Runtime) -> list[dict[str, Any]]:
+    """Every rank's RNG state (gathered to all ranks), so that a resumed multi-worker run
+    continues each rank's own random stream."""
+    if rt.world_size == 1:
+        return [_rng_state()]
+    states: list[Any] = [None] * rt.world_size
+    torch.distributed.all_gather_object(states, _rng_state())
+    return states
+
+
 def _restore_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
@@ -353,15 +382,21 @@ def fit(
         torch.backends.cudnn.benchmark = True
 
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = create_model(cfg.model, cfg.dataset.symmetric).to(device)
+    if cfg.model.sync_batchnorm and world_size > 1:
+        model = use_sync_batchnorm(model, device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if rank > 0:  # each rank its own random stream (dropout, stochastic depth); rank 0 keeps cfg.seed's
+        random.seed(cfg.seed + rank)
+        torch.manual_seed(cfg.seed + rank)
     optimizer = torch.optim.Adam(
         model.parameters(),
         lr=cfg.optimizer.lr,
         betas=(cfg.optimizer.beta_1, cfg.optimizer.beta_2),
         weight_decay=cfg.optimizer.weight_decay,
+        fused=True if cfg.optimizer.fused and device.type == "cuda" else None,
     )
     scaler = torch.amp.GradScaler(device.type, enabled=rt.amp_dtype == torch.float16)
     loss_fn = get_orientation_loss(cfg.loss.orientation)
@@ -381,6 +416,7 @@ def fit(
         rank=rank,
         world_size=world_size,
         drop_last=True,
+        num_workers=loader_workers(cfg, device),
         pin_memory=device.type == "cuda",
     )
 
@@ -389,7 +425,7 @@ def fit(
     if not cfg.model.pretrained_weights and not cfg.checkpoint.resume and rank == 0:
         log.info("model.pretrained_weights is not set: %s starts from random initialisation", cfg.model.backbone)
     if cfg.checkpoint.resume:
-        state = _resume(cfg.checkpoint.resume, model, optimizer, scaler)
+        state = _resume(cfg.checkpoint.resume, model, optimizer, scaler, rank)
         log.info(
             "resumed from %s at epoch %d (%d samples seen)",
             cfg.checkpoint.resume,
@@ -398,6 +434,7 @@ def fit(
         )
     if world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(model) if cfg.train.compile else model  # state_dict() stays model's
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulation_steps)
     total_steps = steps_per_epoch * cfg.train.epochs
@@ -407,6 +444,8 @@ def fit(
         return lr_at(step, total_steps, warmup_steps, cfg.optimizer)
 
     def checkpoint_state() -> dict[str, Any]:
+        """Every rank calls this (it gathers each rank's RNG state); rank 0 saves it."""
+        rng = _rng_states(rt)
         return {
             "config": cfg.to_dict(),
             "model": _unwrap(model).state_dict(),
@@ -417,14 +456,16 @@ def fit(
             "samples_seen": state.samples_seen,
             "history": state.history,
             "best": state.best,
-            "rng": _rng_state(),
+            "rng": rng,  # one state per rank
         }
 
     checkpoints = out_dir / "checkpoints"
     while state.epoch < cfg.train.epochs:
         set_epoch(train_loader, state.epoch)
         epoch_start = time.perf_counter()
-        loss = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, rt, cfg, state, lr_for_step, progress)
+        loss = train_one_epoch(
+            step_model, train_loader, optimizer, scaler, loss_fn, rt, cfg, state, lr_for_step, progress
+        )
         state.epoch += 1
         throughput = len(train_loader) * cfg.train.batch_size * world_size / (time.perf_counter() - epoch_start)
         if rank == 0:
@@ -438,8 +479,10 @@ def fit(
             )
         evaluating = state.epoch % cfg.val.eval_freq == 0 or state.epoch == cfg.train.epochs
         if not evaluating:
-            if rank == 0 and state.epoch % cfg.checkpoint.save_frequency == 0:
-                save_checkpoint(checkpoint_state(), checkpoints / "last.pt")
+            if state.epoch % cfg.checkpoint.save_frequency == 0:
+                snapshot = checkpoint_state()
+                if rank == 0:
+                    save_checkpoint(snapshot, checkpoints / "last.pt")
             continue
         metrics = evaluate(model, val_set, cfg.val.batch_size, rt)
         record = {"epoch": state.epoch, "samples_seen": state.samples_seen, "train_loss": loss, **metrics}
@@ -447,9 +490,9 @@ def fit(
         is_best = _is_better(metrics[cfg.checkpoint.monitor], state.best, cfg.checkpoint.monitor)
         state.history.append(record)
         state.best = record if is_best else state.best
+        snapshot = checkpoint_state()
         if rank == 0:
             log.info("eval epoch %d: %s", state.epoch, format_metrics(metrics))
-            snapshot = checkpoint_state()
             save_checkpoint(snapshot, checkpoints / "last.pt")
             if is_best:
                 save_checkpoint(snapshot, checkpoints / "best.pt")
@@ -467,7 +510,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _resume(path: str, model: nn.Module, optimizer, scaler) -> TrainState:
+def _resume(path: str, model: nn.Module, optimizer, scaler, rank: int = 0) -> TrainState:
     saved = load_checkpoint(path)
     try:
         model.load_state_dict(saved["model"])
@@ -477,7 +520,10 @@ def _resume(path: str, model: nn.Module, optimizer, scaler) -> TrainState:
         raise ConfigError(f"checkpoint.resume {path} holds a different model ({backbone}): {first_line}") from None
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
-    _restore_rng(saved["rng"])
+    rng = saved["rng"]
+    rng = rng if isinstance(rng, dict) else rng[rank] if rank < len(rng) else None  # per rank since v2
+    if rng is not None:  # a rank the saved run did not have keeps its fresh seed
+        _restore_rng(rng)
     return TrainState(saved["epoch"], saved["step"], saved["samples_seen"], saved["history"], saved["best"])
 
 

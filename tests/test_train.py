@@ -11,7 +11,15 @@ from posetune.errors import CheckpointError, ConfigError, DataError
 from posetune.losses import get_orientation_loss
 from posetune.metrics import METRIC_NAMES, pose_metrics
 from posetune.model import PoseNet
-from posetune.train import Runtime, TrainingDiverged, TrainState, fit, lr_at, train_one_epoch
+from posetune.train import (
+    DIVERGENCE_CHECK_STEPS,
+    Runtime,
+    TrainingDiverged,
+    TrainState,
+    fit,
+    lr_at,
+    train_one_epoch,
+)
 
 TINY = [
     "model.backbone=mobilenet_v3_small",
@@ -142,8 +150,24 @@ def test_gradient_accumulation_equals_one_big_batch(synth_small):
 
 
 def test_divergence_is_reported(synth_small, tmp_path):
-    with pytest.raises(TrainingDiverged, match=r"lower optimizer\.lr"):
-        fit(tiny_config(synth_small, tmp_path / "run", "optimizer.lr=1e12", "optimizer.schedule=constant"))
+    cfg = tiny_config(synth_small, tmp_path / "run", "optimizer.lr=1e12", "optimizer.schedule=constant")
+    with pytest.raises(TrainingDiverged, match=r"lower optimizer\.lr") as caught:
+        fit(cfg)
+    # The loss is read on the host every DIVERGENCE_CHECK_STEPS optimizer steps (and at the end
+    # of an epoch), so a diverged run stops within that many steps of its first bad loss.
+    per_step = cfg.train.batch_size * cfg.train.accumulation_steps
+    assert caught.value.samples_seen <= (DIVERGENCE_CHECK_STEPS + 1) * per_step
+
+
+def test_loader_workers_train_the_same(synth_small, tmp_path):
+    """Worker processes, prefetch and persistent workers change when batches are made, not
+    which: the same seed gives the same metrics with and without them."""
+    results = [
+        fit(tiny_config(synth_small, tmp_path / f"run{workers}", f"dataset.loader_workers={workers}")).best
+        for workers in (0, 2)
+    ]
+    for key in ("translation_error_cm", "orientation_error_deg", "pose_error"):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-5), key
 
 
 def test_too_few_samples_for_a_batch(synth_small, tmp_path):

@@ -1,0 +1,97 @@
+"""Two gloo processes on the CPU, without Ray: with model.sync_batchnorm a 2-worker update
+equals one process training on the combined batch; without it (per-rank BatchNorm) it does not.
+
+In float64: BatchNorm's backward over 4-sample batches amplifies float32 summation-order noise
+to ~1e-3 relative after one step, which would hide a real error; in float64 the synchronised
+update matches to 1e-15, and the unsynchronised one misses by ~1e-2."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from posetune.config import ModelConfig
+from posetune.losses import get_orientation_loss, pose_loss
+from posetune.model import create_model, use_sync_batchnorm
+
+from conftest import free_port
+
+BATCH = 8  # combined; each of the two ranks takes half
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(BATCH, 3, 48, 48, generator=generator)
+    translations = torch.rand(BATCH, 3, generator=generator)
+    quaternions = torch.nn.functional.normalize(torch.randn(BATCH, 4, generator=generator), dim=1)
+    return images, translations, quaternions
+
+
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(ModelConfig(backbone="resnet18", translation_head=[16], orientation_head=[16]))
+
+
+def one_step(net: torch.nn.Module, images, translations, quaternions) -> None:
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    translation, quaternion = net(images)
+    loss = pose_loss(translation, quaternion, translations, quaternions, 1.0, get_orientation_loss("geodesic"))
+    loss.backward()
+    optimizer.step()
+
+
+def state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    net = getattr(net, "module", net)
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+
+
+def _rank(rank: int, port: int, sync: bool, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        torch.set_default_dtype(torch.float64)
+        net = model()
+        if sync:
+            net = use_sync_batchnorm(net, torch.device("cpu"))
+        ddp = DistributedDataParallel(net)
+        half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+        images, translations, quaternions = batch()
+        one_step(ddp, images[half], translations[half], quaternions[half])
+        out[rank] = state(ddp)
+    finally:
+        dist.destroy_process_group()
+
+
+def two_ranks(sync: bool) -> dict[int, dict[str, torch.Tensor]]:
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_rank, args=(free_port(), sync, out), nprocs=2, start_method="spawn")
+        return dict(out)
+
+
+@pytest.mark.timeout(300)
+def test_sync_batchnorm_two_ranks_equal_one_process_on_the_combined_batch():
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        single = model()
+        one_step(single, *batch())
+    finally:
+        torch.set_default_dtype(dtype)
+    expected = state(single)
+
+    ranks = two_ranks(sync=True)
+    for key, value in expected.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # DDP keeps ranks identical
+        assert torch.allclose(ranks[0][key], value, atol=1e-10, rtol=1e-9), (key, (ranks[0][key] - value).abs().max())
+
+    # Per-rank BatchNorm normalises each half with its own statistics: not the combined batch.
+    unsynced = two_ranks(sync=False)
+    differs = [k for k in expected if not torch.allclose(unsynced[0][k], expected[k], atol=1e-6, rtol=1e-5)]
+    assert any("running_mean" in k for k in differs) and any("weight" in k for k in differs)
