@@ -81,8 +81,8 @@ class DatasetConfig(Section):
     cache_dir: str | None = None  # default: $XDG_CACHE_HOME/posetune (or ~/.cache/posetune)
     num_workers: int | None = Field(None, ge=0)  # DataLoader workers when decoding; None = auto
     # Training DataLoader worker processes (pinned memory, prefetch, persistent). None = auto:
-    # none for the cached memory map on CPU (a slice of it is ~65x faster than the step there,
-    # measured; workers only add copies), else min(4, CPUs) so decoding overlaps the step.
+    # min(4, CPUs) on a GPU, so decoding overlaps the step; none on a CPU, where workers take
+    # cores from the step (benchmarks/step.py).
     loader_workers: int | None = Field(None, ge=0)
 
     @field_validator("image_scale")

@@ -174,14 +174,13 @@ def decode_workers(cfg: Config) -> int:
 
 
 def loader_workers(cfg: Config, device: torch.device) -> int:
-    """Training DataLoader workers: dataset.loader_workers, or by default none for the cached
-    memory map on a CPU (measured in benchmarks/pipeline.py: workers only add copies there) and
-    min(4, CPUs) otherwise, so that decoding and host-to-device copies overlap the step."""
+    """Training DataLoader workers: dataset.loader_workers, or by default min(4, CPUs) when
+    training on a GPU (decoding and copies then overlap the step on otherwise idle CPUs) and
+    none on a CPU, where workers compete with the step for the same cores (measured by
+    benchmarks/step.py on 2 cores: 6-12% slower, cached or decoding PNGs)."""
     if cfg.dataset.loader_workers is not None:
         return cfg.dataset.loader_workers
-    if cfg.dataset.cache and device.type == "cpu":
-        return 0
-    return min(4, os.cpu_count() or 1)
+    return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
 
 
 def make_loader(
