@@ -37,6 +37,8 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/orchestration.py
+	$(BIN)/python benchmarks/step.py
+	$(BIN)/python benchmarks/gpu.py  # measures only where a CUDA GPU is; says so and skips elsewhere
 
 clean:
 	rm -rf runs data/quick
