@@ -239,7 +239,11 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from posetune.errors import ConfigError
     from posetune.tracking import experiment_urls, start_ui
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a TCP port: choose one from 1 to 65535")
 
     server = start_ui(args.port)
     # SIGTERM (a service manager, `kill`) must stop the server too, not orphan it; Ctrl-C reaches

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from posetune import storage
+from posetune import choices, storage
 from posetune.errors import ConfigError, StorageError
 
 ENV_PREFIX = "POSETUNE_"
@@ -127,6 +127,11 @@ class ModelConfig(Section):
     translation_head: list[int] = Field(default_factory=lambda: [256, 64])  # reference widths
     orientation_head: list[int] = Field(default_factory=lambda: [256, 64])
 
+    @field_validator("backbone")
+    @classmethod
+    def _check_backbone(cls, value: str) -> str:
+        return choices.check_choice(value, choices.BACKBONES)
+
     @field_validator("translation_head", "orientation_head")
     @classmethod
     def _check_widths(cls, value: list[int]) -> list[int]:
@@ -140,6 +145,11 @@ class LossConfig(Section):
     # (1 - <q, q_hat>^2), is sign-invariant and learned fastest in posetune's measurements.
     orientation: str = "geodesic"
 
+    @field_validator("orientation")
+    @classmethod
+    def _check_orientation(cls, value: str) -> str:
+        return choices.check_choice(value, choices.ORIENTATION_LOSSES)
+
 
 class OptimizerConfig(Section):
     lr: float = Field(1e-4, gt=0)
@@ -152,12 +162,22 @@ class OptimizerConfig(Section):
     grad_clip_norm: float | None = Field(None, gt=0)  # clip the global gradient norm; None = off
     fused: bool = False  # torch's fused Adam kernel on CUDA (ignored on CPU); off until measured
 
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, value: str) -> str:
+        return choices.check_choice(value, choices.SCHEDULES)
+
 
 class CheckpointConfig(Section):
     # Continue a run from this checkpoint (model, optimizer, schedule, epoch, RNG).
     resume: str | None = None
     save_frequency: int = Field(1, gt=0)  # write checkpoints/last.pt every N epochs
     monitor: str = "pose_error"  # validation metric that picks checkpoints/best.pt
+
+    @field_validator("monitor")
+    @classmethod
+    def _check_monitor(cls, value: str) -> str:
+        return choices.check_choice(value, choices.METRIC_NAMES)
 
 
 class SystemConfig(Section):
@@ -331,11 +351,16 @@ def load_config(
     overrides: Iterable[str] = (),
     environ: Mapping[str, str] | None = None,
     base: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Any] | None = None,
+    settings_source: str = "settings",
 ) -> Config:
     """Resolve a Config from defaults, an optional YAML file, the environment and overrides.
 
     ``base`` (a nested dict, e.g. a config saved in a checkpoint) sits between the defaults
-    and the YAML file. Every problem is collected and raised as one ``ConfigError``.
+    and the YAML file. ``settings`` ({dotted key: typed value}, e.g. a search file's
+    base.overrides or a trial's sampled parameters) come after the environment and before the
+    ``section.key=value`` strings, and are taken as they are: never re-parsed from text, so
+    "/data/run #2" or "off" stay strings. Every problem is raised as one ``ConfigError``.
     """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
@@ -352,6 +377,7 @@ def load_config(
         apply(flatten(read_yaml_mapping(path, "config file")), str(path))
     for key, (value, name) in env_overrides(environ).items():
         apply({key: value}, name)
+    apply(settings or {}, settings_source)
     for text in overrides:
         key, value = parse_override(text)
         apply({key: value}, f"argument {text!r}")

@@ -18,22 +18,7 @@ import math
 
 import torch
 
-METRIC_NAMES = (
-    "translation_mse",
-    "translation_error_cm",
-    "orientation_rad",
-    "orientation_error_deg",
-    "orientation_error_deg_median",
-    "within_2cm_5deg",
-    "within_5cm_10deg",
-    "pose_error",
-)
-HIGHER_IS_BETTER = frozenset({"within_2cm_5deg", "within_5cm_10deg"})
-
-
-def metric_mode(name: str) -> str:
-    """'max' for shares of good predictions, 'min' for errors."""
-    return "max" if name in HIGHER_IS_BETTER else "min"
+from posetune.choices import HIGHER_IS_BETTER, METRIC_NAMES, metric_mode  # noqa: F401 (re-exported)
 
 
 def rotation_angle(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:

@@ -149,12 +149,6 @@ def create_model(cfg: ModelConfig, symmetric: bool = False) -> PoseNet:
     return PoseNet(backbone, features, cfg, symmetric)
 
 
-def check_backbone(name: str) -> None:
-    """Fail before any data is read when the name is unknown."""
-    if name not in BACKBONES:
-        raise unknown_choice("model.backbone", name, BACKBONES)
-
-
 # --- Synchronised BatchNorm (model.sync_batchnorm) --------------------------------------------
 
 

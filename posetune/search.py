@@ -33,9 +33,9 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from posetune import placement, storage
+from posetune.choices import METRIC_NAMES
 from posetune.config import Config
 from posetune.errors import ConfigError, PosetuneError
-from posetune.metrics import METRIC_NAMES
 from posetune.perception import read_split
 from posetune.placement import ClusterShape, ResourcePlan
 from posetune.space import EFFECTIVE_BATCH, DefineByRun, SearchSpace, describe_parameter

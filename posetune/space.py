@@ -16,7 +16,6 @@ path, the bad value and what is allowed.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from posetune import storage
+from posetune.choices import METRIC_NAMES, metric_mode
 from posetune.config import (
     Config,
     TrackingConfig,
@@ -35,7 +35,6 @@ from posetune.config import (
     read_yaml_mapping,
 )
 from posetune.errors import ConfigError
-from posetune.metrics import METRIC_NAMES, metric_mode
 
 EFFECTIVE_BATCH = "effective_batch"  # pseudo-parameter: samples per optimizer step
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "fixed")
@@ -222,9 +221,10 @@ def _check_base(space: SearchSpace, path: Path, config_overrides: list[str], pro
         if not config_path.is_file():
             problems.append(f"base.config: {space.base.config} not found (looked at {config_path})")
             return None
-    overrides = [f"{k}={_yaml_scalar(v)}" for k, v in space.base.overrides.items()] + config_overrides
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = load_config(
+            config_path, config_overrides, settings=space.base.overrides, settings_source="base.overrides"
+        )
     except ConfigError as exc:
         problems += [f"base: {line.strip()}" for line in str(exc).splitlines()[1:]]
         return None
@@ -236,10 +236,6 @@ def _check_base(space: SearchSpace, path: Path, config_overrides: list[str], pro
             "or add base.synthetic to generate it on first use"
         )
     return cfg
-
-
-def _yaml_scalar(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def _check_parameters(space: SearchSpace, base_cfg: Config | None, problems: list[str]) -> None:
@@ -255,10 +251,10 @@ def _check_parameters(space: SearchSpace, base_cfg: Config | None, problems: lis
         problems += [f"{where}: {message}" for message in distribution_problems]
         problems += _condition_problems(where, p, declared)
         declared[key] = p
-        if base_cfg is not None and key != EFFECTIVE_BATCH and not distribution_problems:
-            for value in p.candidates():
+        if key != EFFECTIVE_BATCH and not distribution_problems:
+            for value in p.candidates():  # against the defaults when the base itself is broken
                 try:
-                    load_config(base=base_cfg.to_dict(), overrides=[f"{key}={_yaml_scalar(value)}"], environ={})
+                    load_config(base=(base_cfg or Config()).to_dict(), settings={key: value}, environ={})
                 except ConfigError as exc:
                     detail = str(exc).splitlines()[-1].strip().split(": ", 1)[-1]
                     problems.append(f"{where}: value {value!r} is not allowed: {detail}")
@@ -412,8 +408,7 @@ def trial_config(space: SearchSpace, base_cfg: Config, params: Mapping[str, Any]
         values["train.accumulation_steps"] = accumulation_for(
             int(params[EFFECTIVE_BATCH]), batch, space.resources.workers_per_trial, bounds
         )
-    overrides = [f"{k}={_yaml_scalar(v)}" for k, v in values.items()]
-    return load_config(base=base_cfg.to_dict(), overrides=overrides, environ={})
+    return load_config(base=base_cfg.to_dict(), settings=values, environ={}, settings_source="sampled parameters")
 
 
 def describe_parameter(p: Parameter) -> str:

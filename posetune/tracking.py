@@ -71,8 +71,9 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Fail before any training starts when runs cannot be logged."""
+def check_tracking_uri(uri: str, create: bool = True) -> None:
+    """Fail before any training starts when runs cannot be logged. `create=False` checks an
+    embedded store's folder without making it (nothing is written before training starts)."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
@@ -83,7 +84,7 @@ def check_tracking_uri(uri: str) -> None:
                 f"MLflow tracking server {uri} is not reachable ({reason}); start it, point "
                 "tracking.tracking_uri / MLFLOW_TRACKING_URI elsewhere, or set tracking.enabled=false"
             ) from None
-    elif uri.startswith("sqlite:///"):
+    elif uri.startswith("sqlite:///") and create:
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     elif uri.startswith("file:"):
         raise PosetuneError(
@@ -102,12 +103,20 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow 3's UI opens an experiment by this tag: its model-training view (the runs table),
+# not the GenAI overview it shows untagged experiments.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id_for(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if "mlflow.experimentKind" not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return experiment.experiment_id
     root = artifact_root_for(uri)
-    return client.create_experiment(name, artifact_location=Path(root, name).as_uri() if root else None)
+    location = Path(root, name).as_uri() if root else None
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 # --- Background logging -----------------------------------------------------------------------
@@ -567,15 +576,16 @@ class TrainTracker:
     def start(self, out_dir: Path) -> None:
         """Check the store now (a problem stops us before training); the run itself is opened
         by the first evaluation, so a run that never trains (a bad dataset path) logs nothing."""
-        check_tracking_uri(self.uri)
-        self.client = _client(self.uri)
-        self.experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
+        check_tracking_uri(self.uri, create=False)  # an embedded store is made by the first evaluation
         self.out_dir, self.run_id = out_dir, None
         self.logger = AsyncLogger(self.say)
 
     def _open_run(self) -> None:
         if self.run_id is not None:
             return
+        check_tracking_uri(self.uri)
+        self.client = _client(self.uri)  # opening a SQLite store creates it
+        self.experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
         tags = {"posetune.kind": "train", "posetune.status": "running", **posetune_tags()}
         self.run_id = self.client.create_run(self.experiment_id, run_name=self.out_dir.name, tags=tags).info.run_id
         log_params(self.client, self.run_id, flatten(self.cfg.to_dict()))

@@ -42,10 +42,10 @@ from posetune.data import (
     set_epoch,
     to_model_input,
 )
-from posetune.errors import ConfigError, DataError, PosetuneError, unknown_choice
+from posetune.errors import ConfigError, DataError, PosetuneError
 from posetune.losses import get_orientation_loss, pose_loss
-from posetune.metrics import METRIC_NAMES, metric_mode, pose_metrics
-from posetune.model import check_backbone, create_model, use_sync_batchnorm
+from posetune.metrics import metric_mode, pose_metrics
+from posetune.model import create_model, use_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -308,16 +308,6 @@ def _is_better(value: float, best: dict | None, metric: str) -> bool:
     return value < best[metric] if metric_mode(metric) == "min" else value > best[metric]
 
 
-def _check_settings(cfg: Config) -> None:
-    """Name lookups that would otherwise fail only after the data is read."""
-    check_backbone(cfg.model.backbone)
-    get_orientation_loss(cfg.loss.orientation)
-    if cfg.optimizer.schedule not in SCHEDULES:
-        raise unknown_choice("optimizer.schedule", cfg.optimizer.schedule, SCHEDULES)
-    if cfg.checkpoint.monitor not in METRIC_NAMES:
-        raise unknown_choice("checkpoint.monitor", cfg.checkpoint.monitor, METRIC_NAMES)
-
-
 def _prepare_out_dir(cfg: Config, rank: int) -> Path:
     out_dir = storage.local_path(cfg.system.out_dir, "system.out_dir") if cfg.system.out_dir else default_out_dir()
     last = out_dir / "checkpoints" / "last.pt"
@@ -368,7 +358,6 @@ def fit(
     With world_size > 1 the caller has initialised torch.distributed (Ray Train does);
     the model is wrapped in DDP and each rank trains on its shard of every epoch.
     """
-    _check_settings(cfg)
     device = device or resolve_device(cfg.device)
     rt = Runtime(device, rank, world_size, autocast_dtype(cfg.precision, device), cfg.dataset.normalize)
     progress = (cfg.system.progress and sys.stderr.isatty()) if progress is None else progress
@@ -376,8 +365,6 @@ def fit(
     out_dir = _prepare_out_dir(cfg, rank)
     cfg = cfg.model_copy(deep=True)
     cfg.system.out_dir = str(out_dir)
-    if rank == 0:
-        storage.write_text(out_dir / "config.yaml", cfg.to_yaml())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -408,6 +395,8 @@ def fit(
             f"the training split has {len(train_set)} samples, fewer than one batch "
             f"(train.batch_size {cfg.train.batch_size} x {world_size} workers)"
         )
+    if rank == 0:  # the run folder appears once the data has been read: a user error leaves none
+        storage.write_text(out_dir / "config.yaml", cfg.to_yaml())
     train_loader = make_loader(
         train_set,
         cfg.train.batch_size,

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from posetune import storage
+from posetune.choices import metric_mode
 from posetune.config import Config, config_from_dict
-from posetune.metrics import metric_mode
 from posetune.placement import ResourcePlan
 from posetune.space import SearchSpace, trial_config
 from posetune.train import TrainingDiverged, fit
@@ -192,4 +192,8 @@ def sweep_scratch_on_every_node() -> int:
         for node in ray.nodes()
         if node.get("Alive")
     ]
-    return sum(ray.get(pending, timeout=60))
+    try:
+        return sum(ray.get(pending, timeout=60))
+    except Exception as exc:  # clean-up must never fail a finished search
+        logging.getLogger(__name__).warning("could not remove old trial scratch folders: %s", exc)
+        return 0

@@ -116,3 +116,29 @@ def test_data_check_and_config_commands(trained):
     assert "train.batch_size" in keys.stdout.splitlines()
     shown = posetune("config", "--config", "configs/quick.yaml", "train.epochs=3")
     assert "epochs: 3" in shown.stdout and "backbone: mobilenet_v3_small" in shown.stdout
+
+
+def test_user_errors_leave_nothing_behind(tmp_path, monkeypatch):
+    """Found by trying posetune as a new user: a bad port or a missing dataset must not leave a
+    run folder, an MLflow database or an artifact folder behind (the embedded store included)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the embedded store in ./runs, as a user has it
+    port = posetune("ui", "--port", "99999", cwd=tmp_path)
+    assert_user_error(port, "--port 99999 is not a TCP port")
+    assert len(port.stderr.strip().splitlines()) == 1
+    missing = posetune("train", "dataset.root=/nonexistent", "model.backbone=resnet18", cwd=tmp_path)
+    assert_user_error(missing, "/nonexistent")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_experiments_open_on_the_runs_table(tmp_path):
+    from mlflow import MlflowClient
+
+    from posetune.tracking import experiment_id_for
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    created = experiment_id_for(client, "new", uri)
+    old = client.create_experiment("old")  # one made before posetune tagged its experiments
+    assert experiment_id_for(client, "old", uri) == old
+    for experiment_id in (created, old):
+        assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -192,3 +192,65 @@ def test_invalid_space_via_cli_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "parameters.optimizer.lr: low must be < high" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_candidate_name_is_checked_when_the_file_is_read(tmp_path):
+    """Typos in names a user chooses fail at load time (so `--dry-run` catches them), each
+    with the list of valid names, instead of inside a Ray trial."""
+    import subprocess
+    import sys
+
+    space = edited(
+        **{
+            "parameters/model.backbone": {"distribution": "choice", "values": ["vgg16", "vgg17"]},
+            "parameters/loss.orientation": {"distribution": "fixed", "value": "geodesik"},
+            "parameters/optimizer.schedule": {"distribution": "choice", "values": ["cosin", "constant"]},
+            "parameters/optimizer.warmup_epochs": None,
+            "base/overrides/checkpoint.monitor": "pose_eror",
+        }
+    )
+    path = write(tmp_path, space)
+    with pytest.raises(ConfigError) as caught:
+        load_space(path)
+    message = str(caught.value)
+    assert "parameters.model.backbone: value 'vgg17' is not allowed" in message
+    assert "choose one of: efficientnet_b0, mobilenet_v3_large, mobilenet_v3_small" in message
+    assert "parameters.loss.orientation: value 'geodesik' is not allowed" in message
+    assert "choose one of: geodesic, mse, sign_invariant" in message
+    assert "parameters.optimizer.schedule: value 'cosin' is not allowed" in message
+    assert "checkpoint.monitor = 'pose_eror'" in message and "pose_error" in message
+    dry = subprocess.run(
+        [sys.executable, "-m", "posetune", "search", str(path), "--dry-run"], capture_output=True, text=True
+    )
+    assert dry.returncode == 2 and "vgg17" in dry.stderr and "dry run" not in dry.stdout
+
+
+def test_validating_a_search_file_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from posetune.space import load_space; load_space('search_spaces/quick.yaml'); "
+    code += "print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_values_reach_the_config_typed_not_reparsed(tmp_path):
+    """base.overrides and sampled values are YAML values already: a '#' or a space in a path,
+    or a quoted "off" / "no", must arrive as written (re-parsing "k=v" text would cut the path
+    at '#' and turn "off" into False)."""
+    data = tmp_path / "my data" / "run #2"
+    data.mkdir(parents=True)
+    space = edited(
+        **{
+            "base/overrides/dataset.root": str(data),
+            "base/overrides/estimator.label_name": "off",
+            "parameters/dataset.train_split": {"distribution": "choice", "values": ["no", "train"]},
+        }
+    )
+    loaded, base = load_space(write(tmp_path, space))
+    assert base.dataset.root == str(data) and base.estimator.label_name == "off"
+    params = {"optimizer.lr": 1e-3, "train.batch_size": 8, EFFECTIVE_BATCH: 16, "dataset.train_split": "no"}
+    params |= {"optimizer.schedule": "constant", "model.backbone": "resnet18"}
+    cfg = trial_config(loaded, base, params)
+    assert cfg.dataset.train_split == "no" and cfg.dataset.root == str(data) and cfg.estimator.label_name == "off"
