@@ -4,7 +4,8 @@
 
 Figures (images/s, on this machine, same settings for all):
 - generator      `posetune data synth` at 650x400, all cores
-- cold pipeline  PNG decode + crop + resize through DataLoader workers (dataset.cache=false)
+- cold pipeline  PNG decode + crop + resize (dataset.cache=false) through the training loader
+                 as `fit` builds it on this device (worker processes on a GPU, none on a CPU)
 - cached         the same batches from the uint8 memory-mapped cache
 - training step  forward + backward + optimizer step of the config's model, fed from the cache
 Writes benchmarks/results/pipeline.{json,md}; the README quotes the .md.
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from posetune.config import load_config
-from posetune.data import decode_workers, load_split, make_loader
+from posetune.data import load_split, loader_workers, make_loader
 from posetune.losses import get_orientation_loss
 from posetune.model import create_model
 from posetune.synth import generate
@@ -59,18 +60,23 @@ def main() -> None:
         cfg = load_config(args.config, overrides, environ={})
         device = resolve_device(cfg.device)
         runtime = Runtime(device, amp_dtype=autocast_dtype(cfg.precision, device), normalize=cfg.dataset.normalize)
-        batch, workers = cfg.train.batch_size, decode_workers(cfg)
+        batch = cfg.train.batch_size
+        # The loaders exactly as `fit` builds its training loader on this device.
+        workers, pin = loader_workers(cfg, device), device.type == "cuda"
+
+        def training_loader(dataset):
+            return make_loader(
+                dataset, batch, shuffle=True, seed=0, drop_last=True, num_workers=workers, pin_memory=pin
+            )
 
         cold_cfg = cfg.model_copy(deep=True)
         cold_cfg.dataset.cache = False
-        cold_set = load_split(cold_cfg, "train")
-        cold_loader = make_loader(cold_set, batch, shuffle=True, seed=0, drop_last=True, num_workers=workers)
-        cold = images_per_second(cold_loader, runtime)
+        cold = images_per_second(training_loader(load_split(cold_cfg, "train")), runtime)
 
         start = time.perf_counter()
         cached_set = load_split(cfg, "train")  # builds the cache
         cache_build = len(cached_set) / (time.perf_counter() - start)
-        cached_loader = make_loader(cached_set, batch, shuffle=True, seed=0, drop_last=True)
+        cached_loader = training_loader(cached_set)
         cached = images_per_second(cached_loader, runtime, epochs=3)
 
         torch.manual_seed(0)
@@ -122,9 +128,9 @@ def main() -> None:
             "| what | images/s |",
             "| --- | ---: |",
             f"| synthetic generator, 650x400 PNG, all cores | {figures['generator_img_s']} |",
-            f"| cold pipeline: PNG decode + crop + resize, {workers} DataLoader workers "
+            f"| cold pipeline: PNG decode + crop + resize, {workers} loader workers (as training uses) "
             f"| {figures['cold_pipeline_img_s']} |",
-            f"| cached pipeline: uint8 memory map | {figures['cached_pipeline_img_s']} |",
+            f"| cached pipeline: uint8 memory map, {workers} loader workers | {figures['cached_pipeline_img_s']} |",
             f"| training step (forward + backward + Adam) | {figures['train_step_img_s']} |",
             "",
             f"Cached pipeline / training step: **{figures['cached_over_train_step']}x** "

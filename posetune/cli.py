@@ -120,14 +120,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
             written = generate(out, splits, args.seed, args.workers, not args.no_jitter, args.overwrite, bar.update)
         seconds = time.perf_counter() - start
         if remote:
-            _push(str(out), args.out, "cube_position", args.overwrite)
+            _push(str(out), args.out, "cube_position", args.overwrite, shown="the rendered dataset")
     for name in written:
         print(f"{name}: {splits[name]} images -> {storage.join(args.out, name)}")
     print(f"{sum(splits.values())} images in {seconds:.1f} s ({sum(splits.values()) / seconds:.0f} img/s)")
     return 0
 
 
-def _push(source: str, destination: str, label: str, overwrite: bool) -> None:
+def _push(source: str, destination: str, label: str, overwrite: bool, shown: str | None = None) -> None:
     from posetune import storage
     from posetune.datasets import folder_size, present_splits, push_dataset
 
@@ -136,7 +136,7 @@ def _push(source: str, destination: str, label: str, overwrite: bool) -> None:
     with _progress_bar(total, "B", f"uploading to {destination}") as bar:
         indexes, sent = push_dataset(source, destination, label, overwrite, bar.update)
     counts = ", ".join(f"{split} {len(index)}" for split, index in indexes.items())
-    print(f"pushed {source} ({counts} samples, {sent / 2**20:.1f} MiB) -> {destination}")
+    print(f"pushed {shown or source} ({counts} samples, {sent / 2**20:.1f} MiB) -> {destination}")
 
 
 def cmd_push(args: argparse.Namespace) -> int:

@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import shutil
 import struct
-import time
 import uuid
 import zlib
 from collections.abc import Callable
@@ -381,14 +380,3 @@ def _generate_split(pool, out, name, split_index, count, seed, camera_jitter, on
         return final
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-
-
-def benchmark_generator(n: int = 200, workers: int | None = None, out: str | Path = ".") -> float:
-    """Images/s of `generate` for n frames (written to a temporary folder under `out`)."""
-    target = Path(out) / f".synth-bench-{os.getpid()}"
-    try:
-        start = time.perf_counter()
-        generate(target, {"train": n}, seed=0, workers=workers)
-        return n / (time.perf_counter() - start)
-    finally:
-        shutil.rmtree(target, ignore_errors=True)

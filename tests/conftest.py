@@ -12,15 +12,24 @@ from PIL import Image
 from posetune import synth
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Never touch the user's ~/.cache or pick up their POSETUNE_* variables."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_environment(tmp_path_factory, mlflow_store):
+    """For the whole session (module and session fixtures included, and every process they
+    start, Ray's too): never touch the user's ~/.cache, never write the checkout's own
+    runs/mlflow.db, never pick up their POSETUNE_* variables."""
     import os
 
-    for name in list(os.environ):
-        if name.startswith("POSETUNE_"):
-            monkeypatch.delenv(name)
+    checkout_store = Path(__file__).resolve().parents[1] / "runs" / "mlflow.db"
+    before = checkout_store.stat().st_mtime_ns if checkout_store.exists() else None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+        for name in list(os.environ):
+            if name.startswith("POSETUNE_"):
+                patch.delenv(name)
+        yield
+    after = checkout_store.stat().st_mtime_ns if checkout_store.exists() else None
+    assert after == before, f"a test wrote the checkout's own {checkout_store}: tests write only under tmp"
 
 
 @pytest.fixture(scope="session")
@@ -140,13 +149,6 @@ def rng() -> np.random.Generator:
 def mlflow_store(tmp_path_factory) -> str:
     """One embedded MLflow store for the whole session (creating one takes seconds)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-@pytest.fixture(autouse=True)
-def _mlflow_store_for_every_run(mlflow_store, monkeypatch):
-    """Runs that track (posetune train/search default to on) go to the session's store,
-    never to ./runs/mlflow.db; subprocesses inherit it."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
 
 
 @pytest.fixture(scope="module")
