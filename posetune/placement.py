@@ -188,11 +188,11 @@ def cluster_shape() -> ClusterShape:
 
 def autoscaler_nodes() -> list[Node] | None:
     """Every node the autoscaler may run (each node type at its max count), or None without
-    one. Read from the cluster config the autoscaler publishes in Ray's GCS: a private API,
-    kept behind this one function (tests/test_placement.py pins it)."""
-    from ray._private.state import state  # private: pinned by tests/test_placement.py
+    one. Read from the cluster config the autoscaler publishes in Ray's GCS (a private API,
+    behind posetune.internals)."""
+    from posetune import internals
 
-    config = state.get_cluster_config()
+    config = internals.autoscaler_cluster_config()
     if config is None or not config.node_group_configs:
         return None
     nodes = []

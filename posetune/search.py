@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from posetune import placement, storage
+from posetune import internals, placement, storage
 from posetune.choices import METRIC_NAMES
 from posetune.config import Config
 from posetune.errors import ConfigError, PosetuneError
@@ -128,9 +128,7 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=hook, **quiet)
         return False
-    from ray._private.services import find_gcs_addresses  # private: pinned by tests/test_search.py
-
-    if find_gcs_addresses():
+    if internals.local_cluster_running():
         ray.init(address="auto", runtime_env=hook, **quiet)
         return False
     # The dashboard process stays: Ray's state API behind it frees the workers of trials
@@ -165,7 +163,7 @@ class BudgetAwareOptunaSearch(OptunaSearch):
         self._reported: dict[str, set[int]] = {}  # steps already reported, per trial
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in self._completed_trials:
+        if trial_id not in internals.searcher_told(self):
             self._report(trial_id, result)
 
     def _report(self, trial_id: str, result: dict) -> None:
@@ -174,17 +172,17 @@ class BudgetAwareOptunaSearch(OptunaSearch):
             return
         if step not in self._reported.setdefault(trial_id, set()):
             self._reported[trial_id].add(step)
-            self._ot_trials[trial_id].report(result[self.metric], step)
+            internals.searcher_trial(self, trial_id).report(result[self.metric], step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         partial = result and (result.get("diverged") or result.get("samples_seen", 0) < self._budget)
-        if error or not partial or trial_id in self._completed_trials:
+        if error or not partial or trial_id in internals.searcher_told(self):
             super().on_trial_complete(trial_id, result, error)
             return
         # The result ASHA stopped the trial on arrives here, not through on_trial_result.
         self._report(trial_id, result)
-        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
+        internals.searcher_study(self).tell(internals.searcher_trial(self, trial_id), state=TrialState.PRUNED)
+        internals.searcher_told(self).add(trial_id)
 
 
 def build_searcher(space: SearchSpace):
@@ -631,7 +629,7 @@ def load_study(folder: str):
     states = sorted(name for name in storage.list_files(tune_folder) if name.startswith("searcher-state-"))
     if not states:
         return None
-    return pickle.loads(storage.read_bytes(storage.join(tune_folder, states[-1]))).get("_ot_study")
+    return internals.study_in_saved_state(pickle.loads(storage.read_bytes(storage.join(tune_folder, states[-1]))))
 
 
 def space_params(space: SearchSpace) -> dict[str, Any]:

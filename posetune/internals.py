@@ -1,0 +1,50 @@
+"""Every private Ray and Optuna name posetune relies on, in one place.
+
+Each one is pinned by tests/test_internals.py, which fails naming the attribute when a Ray or
+Optuna upgrade renames or removes it. Nothing else in posetune reads a private attribute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# OptunaSearch (ray.tune.search.optuna) keeps its study, its Optuna trial per Tune trial and
+# the trials it has told Optuna about in these attributes; its saved state is its __dict__.
+SEARCHER_STUDY = "_ot_study"
+SEARCHER_TRIALS = "_ot_trials"
+SEARCHER_TOLD = "_completed_trials"
+
+
+def searcher_study(searcher: Any):
+    """The Optuna study behind a Ray OptunaSearch."""
+    return getattr(searcher, SEARCHER_STUDY)
+
+
+def searcher_trial(searcher: Any, trial_id: str):
+    """The Optuna trial (optuna.Trial) a Ray OptunaSearch made for a Tune trial."""
+    return getattr(searcher, SEARCHER_TRIALS)[trial_id]
+
+
+def searcher_told(searcher: Any) -> set[str]:
+    """Tune trial ids the searcher has already told Optuna about (mutable)."""
+    return getattr(searcher, SEARCHER_TOLD)
+
+
+def study_in_saved_state(state: dict[str, Any]):
+    """The Optuna study in a searcher-state-*.pkl that Tune saved (None when absent)."""
+    return state.get(SEARCHER_STUDY)
+
+
+def local_cluster_running() -> bool:
+    """Whether a Ray cluster runs on this node (a `ray up` head, `ray start`)."""
+    from ray._private.services import find_gcs_addresses
+
+    return bool(find_gcs_addresses())
+
+
+def autoscaler_cluster_config():
+    """The cluster config the autoscaler publishes in Ray's GCS (node types with their
+    resources and max counts), or None without an autoscaler."""
+    from ray._private.state import state
+
+    return state.get_cluster_config()
