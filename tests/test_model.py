@@ -49,10 +49,15 @@ def test_translation_output_is_centred_on_the_training_labels():
 
 
 def test_unknown_backbone_lists_the_valid_names():
-    with pytest.raises(ConfigError) as err:
-        create_model(ModelConfig(backbone="vgg61"))
+    from posetune.config import load_config
+    from posetune.model import create_backbone
+
+    with pytest.raises(ConfigError) as err:  # when the config is read, before any model is built
+        load_config(overrides=["model.backbone=vgg61"], environ={})
     assert "model.backbone = 'vgg61'" in str(err.value)
     assert ", ".join(list_backbones()) in str(err.value)
+    with pytest.raises(ConfigError, match=", ".join(list_backbones())):  # the registry's own lookup
+        create_backbone("vgg61")
 
 
 def test_pretrained_weights_come_from_a_local_file(tmp_path, caplog):

@@ -124,9 +124,14 @@ class _Files(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # the client hung up on purpose (the timeout and size-cap tests)
+
+
 @pytest.fixture
 def http_server(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    server = _QuietServer(("127.0.0.1", 0), _Files)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", _Files.files
