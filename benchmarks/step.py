@@ -3,10 +3,9 @@ and the training loader's set-ups.
 
     python benchmarks/step.py [--frames 600] [--rounds 5] [--config configs/quick.yaml]
 
-- baseline step: the step as it was before the GPU work (kept here, verbatim in behaviour):
-  `loss.item()` after every micro-batch (a device sync), label copies issued after the
-  forward, the normalisation constants copied to the device for every batch, a finiteness
-  all-reduce at every optimizer step
+- baseline step: the single-process step as it was before the GPU work (kept here, the same
+  in behaviour): `loss.item()` after every micro-batch (a device sync), label copies issued
+  after the forward, the normalisation constants copied to the device for every batch
 - posetune's step: `posetune.train.train_one_epoch` (loss and finiteness stay on the device)
 Both train the same model from the same weights on the same cached batches, one epoch each,
 alternating for --rounds rounds; the median ratio is the figure. Then posetune's step is fed
