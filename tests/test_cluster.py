@@ -111,4 +111,4 @@ def test_search_in_a_bucket_across_two_nodes(two_nodes, gcs, bucket, synth_small
     assert len(children) == 2
     for run in children:
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
-    assert str(client.get_latest_versions("posetune-two")[0].version) == "1"  # the registered best model
+    assert [str(v.version) for v in client.search_model_versions("name='posetune-two'")] == ["1"]  # best model
