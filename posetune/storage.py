@@ -292,7 +292,15 @@ class GCSStorage(Storage):
         )
 
     def exists(self, uri: str) -> bool:
-        return bool(self.list_files(uri))
+        """One object, or a folder with at least one: two small requests, never a full listing."""
+        bucket, key = self.split(uri)
+        key = key.rstrip("/")
+        if key and self._call(uri, "checking", lambda: self.client.bucket(bucket).get_blob(key)) is not None:
+            return True
+        folder = f"{key}/" if key else ""
+        # A few names suffice: folder markers ("a/", "a/b/", written by pyarrow) sort first.
+        page = self._call(uri, "listing", lambda: list(self.client.list_blobs(bucket, prefix=folder, max_results=10)))
+        return any(not blob.name.endswith("/") for blob in page)
 
     def list_files(self, uri: str) -> dict[str, str]:
         bucket, key = self.split(uri)
