@@ -8,6 +8,12 @@ before torch loads, before data is read, before a Ray trial starts.
 
 from __future__ import annotations
 
+import difflib
+import math
+from collections.abc import Iterable
+
+from posetune.errors import ConfigError
+
 BACKBONES = (
     "efficientnet_b0",
     "mobilenet_v3_large",
@@ -37,8 +43,42 @@ def metric_mode(name: str) -> str:
     return "max" if name in HIGHER_IS_BETTER else "min"
 
 
+def better(value: float, than: float | None, mode: str) -> bool:
+    """The one "is this score better" rule (checkpoints, trial records, ranking): a non-finite
+    value never is; any finite value beats no score or a non-finite one."""
+    if not math.isfinite(value):
+        return False
+    if than is None or not math.isfinite(than):
+        return True
+    return value < than if mode == "min" else value > than
+
+
+def closest(name: str, names: Iterable[str]) -> str | None:
+    """The name a typo most likely meant; dotted keys also match on their last part."""
+    names = list(names)
+    match = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    by_leaf = {n.rsplit(".", 1)[-1]: n for n in names}
+    match = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(by_leaf), n=1, cutoff=0.75)
+    return by_leaf[match[0]] if match else None
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """'; did you mean X?' for a likely typo, else '' (the one way every message suggests)."""
+    hint = closest(name, names)
+    return f"; did you mean {hint}?" if hint else ""
+
+
 def check_choice(value: str, choices: tuple[str, ...]) -> str:
     """A pydantic validator's body: the value, or an error listing every valid name."""
     if value not in choices:
-        raise ValueError(f"is not known; choose one of: {', '.join(sorted(choices))}")
+        hint = did_you_mean(value, choices) or ";"
+        raise ValueError(f"is not known{hint} choose one of: {', '.join(sorted(choices))}")
     return value
+
+
+def unknown_choice(key: str, value: object, choices: Iterable[str]) -> ConfigError:
+    """The error for a name that is not in a registry: the key, the value, every valid name."""
+    hint = did_you_mean(str(value), choices) or ";"
+    return ConfigError(f"{key} = {value!r} is not known{hint} choose one of: {', '.join(sorted(choices))}")

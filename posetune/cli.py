@@ -4,6 +4,7 @@ and prints the result. User errors (``PosetuneError``) print one line and exit w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,9 +25,11 @@ OVERRIDES_HELP = "config overrides as section.key=value (e.g. train.epochs=5 opt
 
 
 def _setup_logging(verbose: bool) -> None:
+    """Log lines (progress, MLflow status; other libraries' warnings) go to stderr, results
+    and tables to stdout."""
     logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow configures its logger on import
-    logging.getLogger("posetune").setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def print_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
@@ -41,27 +44,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # config errors come before torch's import time
     from posetune import storage
-    from posetune.train import TrainingDiverged, default_out_dir, fit
+    from posetune.train import default_out_dir, fit
 
     cfg.system.out_dir = cfg.system.out_dir or str(default_out_dir())
-    tracker = None
-    if cfg.tracking.enabled:
-        from posetune.tracking import TrainTracker
-
-        tracker = TrainTracker(cfg)
-        tracker.start(storage.local_path(cfg.system.out_dir, "system.out_dir"))  # before training
     start = time.perf_counter()
-    try:
-        result = fit(cfg, on_evaluation=tracker.on_evaluation if tracker else None)
-    except BaseException as exc:
-        if tracker:
-            status = "diverged" if isinstance(exc, TrainingDiverged) else "failed"
-            # A user error (bad data, bad key) before training is not a run worth keeping.
-            trained = isinstance(exc, TrainingDiverged) or not isinstance(exc, PosetuneError)
-            _report_unlogged(tracker.finish(status, str(exc) or type(exc).__name__, trained=trained))
-        raise
-    if tracker:
-        _report_unlogged(tracker.finish("completed"))
+    if cfg.tracking.enabled:
+        from posetune.tracking import TrainRun
+
+        with TrainRun(cfg, storage.local_path(cfg.system.out_dir, "system.out_dir")) as run:
+            result = fit(cfg, on_evaluation=run.on_evaluation)
+    else:
+        result = fit(cfg)
     print(f"run folder: {result.out_dir}  ({time.perf_counter() - start:.0f} s)")
     if result.best:
         print(f"best evaluation (epoch {result.best['epoch']}):")
@@ -154,30 +147,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_unlogged(unlogged: list[str]) -> None:
-    if unlogged:
-        print(f"MLflow: {len(unlogged)} item(s) could not be logged:", file=sys.stderr)
-        for item in unlogged:
-            print(f"  - {item}", file=sys.stderr)
-
-
 def cmd_search(args: argparse.Namespace) -> int:
-    from posetune.search import (
-        check_can_start,
-        describe_plan,
-        experiment_dir,
-        load_study,
-        local_shape,
-        plan_resources,
-        run_search,
-        space_params,
-        summary_lines,
-    )
-    from posetune.space import load_space
+    from posetune.results import summary_lines
+    from posetune.search import describe_plan, experiment_dir, local_shape, plan_resources, run_search
+    from posetune.space import load_space, space_params
 
     space, base = load_space(args.space, args.overrides, args.name)
-    resume = ["posetune search", args.space, "--resume", *(["--name", args.name] if args.name else []), *args.overrides]
-    resume_hint = f"search interrupted; continue it with:\n  {' '.join(resume)}"
     if args.dry_run:
         plan = None if os.environ.get("RAY_ADDRESS") else plan_resources(space, local_shape())
         print("\n".join(describe_plan(space, base, plan)))
@@ -185,34 +160,24 @@ def cmd_search(args: argparse.Namespace) -> int:
             print("concurrency: decided from the cluster at RAY_ADDRESS when the search starts")
         print("dry run: nothing was started or written")
         return 0
-    tracker = None
+    resume = ["posetune search", args.space, "--resume", *(["--name", args.name] if args.name else []), *args.overrides]
+    resume_hint = f"search interrupted; continue it with:\n  {' '.join(resume)}"
+    tracking = contextlib.nullcontext()
     if space.tracking.enabled:
-        from posetune.tracking import SearchTracker
+        from posetune.tracking import SearchRun
 
-        check_can_start(space, base, args.resume)  # before a parent run is opened
-        tracker = SearchTracker(space.tracking, space.storage.name, experiment_dir(space))
-
-    def start_tracking(setup):
-        """Opens the parent run once every check has passed, just before the first trial."""
-        tracker.start(args.space, space_params(space), args.resume)
-        return tracker.callbacks(setup)
-
+        name, folder = space.storage.name, experiment_dir(space)
+        tracking = SearchRun(space.tracking, name, folder, args.space, space_params(space))
     try:
-        summary = run_search(space, base, resume=args.resume, extra_callbacks=start_tracking if tracker else None)
+        with tracking as run:
+            summary = run_search(space, base, resume=args.resume, listeners=[run] if run else [])
     except KeyboardInterrupt:
         print(f"\n{resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if tracker:
-        from posetune.config import load_config
-
-        best_config = load_config(summary.best_config, environ={}) if summary.best_config else None  # as exported
-        summary.unlogged = tracker.finish(summary, load_study(summary.experiment_dir), best_config)
     print()
     print("\n".join(summary_lines(summary)))
-    if tracker:
-        _report_unlogged(summary.unlogged)
-        if not summary.unlogged:
-            print(f"MLflow: everything was logged to {tracker.uri} (`posetune ui` to browse an embedded store)")
+    if run and not run.unlogged:
+        print(f"MLflow: everything was logged to {run.uri} (`posetune ui` to browse an embedded store)")
     if summary.interrupted:
         print(f"\n{resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -220,9 +185,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    from posetune import storage
     from posetune.config import parse_override
     from posetune.errors import ConfigError
-    from posetune.search import load_results, rank_records, results_table
+    from posetune.results import load_results, rank, results_table
 
     storage_path = "runs/search"
     for text in args.overrides:
@@ -230,11 +196,11 @@ def cmd_results(args: argparse.Namespace) -> int:
         if key != "storage.path":
             raise ConfigError(f"posetune results takes only storage.path=..., got {text!r}")
         storage_path = str(value)
-    results, metric, mode = load_results(args.name, storage_path)
+    records, metric, mode = load_results(storage.join(storage.absolute(storage_path), args.name))
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"trials": [record.to_json() for record in records]}, indent=2))
     else:
-        print("\n".join(results_table(rank_records(results["trials"], metric, mode), metric)))
+        print("\n".join(results_table(rank(records, metric, mode), metric)))
     return 0
 
 

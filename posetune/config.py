@@ -13,7 +13,6 @@ normalisation, shuffled training order).
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -263,18 +262,6 @@ def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def closest_key(key: str, valid: Iterable[str]) -> str | None:
-    """The valid key a typo most likely meant (also matching on the last component)."""
-    valid = list(valid)
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if match:
-        return match[0]
-    leaf = key.rsplit(".", 1)[-1]
-    by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
-    match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
-    return by_leaf[match[0]] if match else None
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """'train.epochs=5' -> ('train.epochs', 5). Values are parsed as YAML scalars/lists."""
     key, sep, raw = text.partition("=")
@@ -390,8 +377,7 @@ def validate_config(values: Mapping[str, Any], sources: Mapping[str, str]) -> Co
     problems = []
     for key in values:
         if key not in valid:
-            hint = closest_key(key, valid)
-            suggestion = f"; did you mean {hint}?" if hint else "; see `posetune config --keys`"
+            suggestion = choices.did_you_mean(key, valid) or "; see `posetune config --keys`"
             problems.append(f"{key} (from {sources[key]}): unknown key{suggestion}")
     known = {k: v for k, v in values.items() if k in valid}
     try:

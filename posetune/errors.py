@@ -5,8 +5,6 @@ raises a ``PosetuneError``; the CLI prints its message on one line and exits wit
 Bugs stay ordinary exceptions with tracebacks.
 """
 
-from collections.abc import Iterable
-
 
 class PosetuneError(Exception):
     """An error the user can fix; its message says what is wrong and how to fix it."""
@@ -28,6 +26,9 @@ class CheckpointError(PosetuneError):
     """A checkpoint or model cannot be found or read."""
 
 
-def unknown_choice(key: str, value: object, choices: Iterable[str]) -> ConfigError:
-    """The error for a name that is not in a registry: the key, the value, every valid name."""
-    return ConfigError(f"{key} = {value!r} is not known; choose one of: {', '.join(sorted(choices))}")
+class TrainingDiverged(PosetuneError):
+    """The loss became NaN or infinite (raised by `fit`; a run or trial ends as diverged)."""
+
+    def __init__(self, message: str, samples_seen: int = 0):
+        super().__init__(message)
+        self.samples_seen = samples_seen

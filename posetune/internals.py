@@ -35,6 +35,12 @@ def study_in_saved_state(state: dict[str, Any]):
     return state.get(SEARCHER_STUDY)
 
 
+def restored_run_config(tuner: Any):
+    """The RunConfig a restored Tuner will run with (restored from its saved tuner.pkl; Ray
+    offers no public way to give a restored search new callbacks)."""
+    return tuner._local_tuner.get_run_config()
+
+
 def local_cluster_running() -> bool:
     """Whether a Ray cluster runs on this node (a `ray up` head, `ray start`)."""
     from ray._private.services import find_gcs_addresses

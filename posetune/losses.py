@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from posetune.errors import unknown_choice
+from posetune.choices import unknown_choice
 
 
 def orientation_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ import torchvision
 from torch import nn
 
 from posetune import storage
+from posetune.choices import unknown_choice
 from posetune.config import ModelConfig
-from posetune.errors import ConfigError, PosetuneError, unknown_choice
+from posetune.errors import ConfigError, PosetuneError
 
 log = logging.getLogger(__name__)
 

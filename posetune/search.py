@@ -10,7 +10,7 @@ Experiment folder ``<storage.path>/<storage.name>/``:
     tune/                   Ray Tune's experiment state and trial folders
     train/<trial id>/       Ray Train runs: each trial's checkpoints (last.pt + its best.pt)
     search.json             what was searched (to refuse a --resume with a different space)
-    results.json            {"trials": [...]}, updated live
+    results.json            {"trials": [...]}, updated live (posetune.results)
     best_config.yaml        the best trial's config; `posetune train --config` accepts it
     best/model.pt           the best trial's best checkpoint
     summary.txt             the final table
@@ -23,8 +23,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +32,32 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from posetune import internals, placement, storage
-from posetune.choices import METRIC_NAMES
 from posetune.config import Config
 from posetune.errors import ConfigError, PosetuneError
 from posetune.perception import read_split
 from posetune.placement import ClusterShape, ResourcePlan
+from posetune.results import (
+    REPORTED,
+    Listener,
+    Outcome,
+    SearchEnded,
+    SearchEvent,
+    SearchResults,
+    SearchStarted,
+    SearchSummary,
+    TrialEnded,
+    TrialReported,
+    TrialStarted,
+    summary_lines,
+)
 from posetune.space import EFFECTIVE_BATCH, DefineByRun, SearchSpace, describe_parameter
-from posetune.tables import format_table
 from posetune.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("completed", "stopped_early", "failed", "diverged")
 # Tune's experiment lives in its own subfolder: on a resume Tune downloads that folder and
 # syncs it back at every checkpoint, which would overwrite live files kept beside its own.
 TUNE_FOLDER = "tune"
-
-
-def print_line(line: str) -> None:
-    """The default progress printer. A module function, not `print` itself, because Tune pickles
-    the callbacks that hold it, and some environments replace `builtins.print`."""
-    print(line, flush=True)
 
 
 # --- Resources ---------------------------------------------------------------------------------
@@ -215,150 +219,62 @@ def build_scheduler(space: SearchSpace):
     )
 
 
-# --- Live progress and results.json -------------------------------------------------------------
+# --- Trial events -------------------------------------------------------------------------------
 
 
-def trial_status(result: dict[str, Any], budget: int) -> str:
+def trial_outcome(result: dict[str, Any], budget: int) -> Outcome:
+    """How a trial that Tune completed ended, from its last result."""
     if result.get("diverged"):
-        return "diverged"
-    return "completed" if result.get("samples_seen", 0) >= budget else "stopped_early"
+        return Outcome.DIVERGED
+    return Outcome.COMPLETED if result.get("samples_seen", 0) >= budget else Outcome.STOPPED_EARLY
 
 
-def _better(mode: str, a: float, b: float | None) -> bool:
-    return b is None or (a < b if mode == "min" else a > b)
+class TrialEvents(tune.Callback):
+    """The search's one Tune callback: Tune's trial callbacks as posetune's plain trial events
+    (posetune.results), sent to every listener in order."""
 
-
-class SearchMonitor:
-    """Keeps one record per trial, rewrites results.json atomically on every change and prints
-    one progress line per event. Wrapped in a ray.tune.Callback by ``_monitor_callback``."""
-
-    def __init__(self, path: str, metric: str, mode: str, budget: int, say: Callable[[str], None]):
-        self.path, self.metric, self.mode, self.budget, self.say = path, metric, mode, budget, say
-        self.reload()
-
-    def reload(self) -> None:
-        """Records from results.json: a resumed search keeps what it already knew."""
-        self.start = time.monotonic()
-        self.records: dict[str, dict[str, Any]] = {}
-        if storage.exists(self.path):
-            for record in json.loads(storage.read_text(self.path))["trials"]:
-                self.records[record["id"]] = record
+    def __init__(self, listeners: Sequence[Listener], setup: TrialSetup, folder: str):
+        # Not `self.setup`: that is a Tune callback method.
+        self.listeners, self.trial_setup, self.folder = list(listeners), setup, folder
 
     def __getstate__(self) -> dict[str, Any]:
-        # Tune pickles its callbacks with the experiment and brings them back on restore.
-        return {k: v for k, v in self.__dict__.items() if k not in ("records", "start")}
+        # Tune pickles its callbacks into the experiment; listeners hold files, threads and
+        # clients of this process, and a restored search attaches the live ones again.
+        return {**self.__dict__, "listeners": []}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.reload()
-
-    def record(self, trial_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        return self.records.setdefault(
-            trial_id,
-            {
-                "id": trial_id,
-                "params": params,
-                "status": "running",
-                "metrics": {},
-                "samples_seen": 0,
-                "best_metrics": {},
-                "checkpoint": None,
-                "error": None,
-            },
-        )
-
-    def on_start(self, trial_id: str, params: dict[str, Any]) -> None:
-        self.record(trial_id, params)["status"] = "running"
-        self.save()
-        self.say(f"{self._clock()} trial {trial_id} started  {_format_params(params)}")
-
-    def on_result(self, trial_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
-        record = self.record(trial_id, params)
-        if result.get("diverged"):
-            record["samples_seen"] = result.get("samples_seen", record["samples_seen"])
-            return
-        metrics = {k: v for k, v in result.items() if k in METRIC_NAMES}
-        record.update(metrics=metrics, samples_seen=result["samples_seen"])
-        if result.get("checkpoint_path"):  # Ray's path (bucket-relative on gs://) as a URI
-            record["checkpoint"] = storage.from_ray_path(self.path, result["checkpoint_path"])
-        if _better(self.mode, metrics[self.metric], record["best_metrics"].get(self.metric)):
-            record["best_metrics"] = {**metrics, "samples_seen": result["samples_seen"]}
-        self.save()
-        best = self.best()
-        best_value = best["best_metrics"][self.metric]
-        self.say(
-            f"{self._clock()} trial {trial_id} {result['samples_seen']:>9,} samples  "
-            f"{self.metric} {metrics[self.metric]:.4g}  | {self._counts()} | best {best_value:.4g} (trial {best['id']})"
-        )
-
-    def on_complete(self, trial_id: str, params: dict[str, Any], result: dict[str, Any]) -> None:
-        record = self.record(trial_id, params)
-        record["status"] = trial_status(result, self.budget)
-        if record["status"] == "diverged":
-            record["error"] = result.get("error")
-        self.save()
-        self.say(f"{self._clock()} trial {trial_id} {record['status'].replace('_', ' ')}  | {self._counts()}")
-
-    def on_error(self, trial_id: str, params: dict[str, Any], error: str) -> None:
-        record = self.record(trial_id, params)
-        record.update(status="failed", error=error)
-        self.save()
-        self.say(f"{self._clock()} trial {trial_id} failed: {error}  | {self._counts()}")
-
-    def best(self) -> dict[str, Any] | None:
-        ranked = self.ranked()
-        return ranked[0] if ranked else None
-
-    def ranked(self) -> list[dict[str, Any]]:
-        """Trials with results, best first (by their best evaluation of the search metric)."""
-        return [r for r in rank_records(list(self.records.values()), self.metric, self.mode) if r["best_metrics"]]
-
-    def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(("running", *STATUSES), 0)
-        for record in self.records.values():
-            counts[record["status"]] += 1
-        return counts
-
-    def save(self) -> None:
-        storage.write_text(self.path, json.dumps({"trials": list(self.records.values())}, indent=2) + "\n")
-
-    def _counts(self) -> str:
-        c = self.counts()
-        return (
-            f"running {c['running']}, completed {c['completed']}, stopped early {c['stopped_early']}, "
-            f"failed {c['failed']}, diverged {c['diverged']}"
-        )
-
-    def _clock(self) -> str:
-        seconds = int(time.monotonic() - self.start)
-        return f"[{seconds // 60:3d}:{seconds % 60:02d}]"
-
-
-def _format_params(params: dict[str, Any]) -> str:
-    """optimizer.lr=0.00148 -> lr=0.00148 (the section is rarely needed to recognise a knob)."""
-    short = {k: k.rsplit(".", 1)[-1] for k in params}
-    if len(set(short.values())) < len(short):
-        short = {k: k for k in params}
-    return " ".join(f"{short[k]}={v:.3g}" if isinstance(v, float) else f"{short[k]}={v}" for k, v in params.items())
-
-
-class MonitorCallback(tune.Callback):
-    """Feeds Tune's trial events to a SearchMonitor."""
-
-    def __init__(self, monitor: SearchMonitor):
-        self.monitor = monitor
+    def emit(self, event: SearchEvent) -> None:
+        for listener in self.listeners:
+            listener.on_event(event)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.monitor.on_start(trial.trial_id, dict(trial.config))
+        params = dict(trial.config)
+        self.emit(TrialStarted(trial.trial_id, params, build_trial_config(self.trial_setup, params)))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.monitor.on_result(trial.trial_id, dict(trial.config), result)
+        if result.get("diverged"):  # the trial ends next, as diverged
+            return
+        metrics = {key: float(result[key]) for key in REPORTED if key in result}
+        samples = int(result["samples_seen"])
+        self.emit(TrialReported(trial.trial_id, dict(trial.config), samples, metrics, self._checkpoint(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.monitor.on_complete(trial.trial_id, dict(trial.config), trial.last_result or {})
+        result = trial.last_result or {}
+        outcome = trial_outcome(result, self.trial_setup.space.search.asha.max_samples)
+        error = result.get("error") if outcome is Outcome.DIVERGED else None
+        self._ended(trial, outcome, error)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.monitor.on_error(trial.trial_id, dict(trial.config), first_error_line(trial))
+        self._ended(trial, Outcome.FAILED, first_error_line(trial))
+
+    def _ended(self, trial, outcome: Outcome, error: str | None) -> None:
+        result = trial.last_result or {}
+        samples = int(result.get("samples_seen", 0))
+        self.emit(TrialEnded(trial.trial_id, dict(trial.config), outcome, samples, error, self._checkpoint(result)))
+
+    def _checkpoint(self, result: dict[str, Any]) -> str | None:
+        """Ray's checkpoint path (bucket-relative on gs://) as a URI."""
+        path = result.get("checkpoint_path")
+        return storage.from_ray_path(self.folder, path) if path else None
 
 
 def first_error_line(trial) -> str:
@@ -374,22 +290,6 @@ def first_error_line(trial) -> str:
 
 
 # --- The search ---------------------------------------------------------------------------------
-
-
-@dataclass
-class SearchSummary:
-    experiment_dir: str  # a local folder or a gs:// URI
-    records: list[dict[str, Any]]  # best first, then the ones without results
-    counts: dict[str, int]
-    seconds: float
-    metric: str
-    mode: str
-    best_config: str | None
-    best_checkpoint: str | None
-    interrupted: bool
-    cluster: str  # resources the search ran with
-    problems: list[str] = field(default_factory=list)  # exports that could not be made
-    unlogged: list[str] = field(default_factory=list)  # what MLflow did not receive
 
 
 def _trial_dirname(trial) -> str:
@@ -413,13 +313,13 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def ensure_dataset(space: SearchSpace, cfg: Config, say: Callable[[str], None]) -> int:
+def ensure_dataset(space: SearchSpace, cfg: Config) -> int:
     """Generate the synthetic set on first use (locally, or pushed to its bucket); return the
     number of training samples."""
     root = cfg.dataset.root
     synthetic = space.base.synthetic
     if synthetic and not storage.exists(storage.join(root, cfg.dataset.train_split)):
-        say(f"generating a synthetic dataset in {root} ({synthetic.train} + {synthetic.val} frames)")
+        log.info("generating a synthetic dataset in %s (%d + %d frames)", root, synthetic.train, synthetic.val)
         _generate_synthetic(
             root, {cfg.dataset.train_split: synthetic.train, cfg.dataset.val_split: synthetic.val}, synthetic.seed
         )
@@ -474,28 +374,19 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
     return lines
 
 
-def check_can_start(space: SearchSpace, base: Config, resume: bool) -> None:
-    """Refuse a new search over an existing one, or a resume of a missing or different one."""
-    _check_experiment_folder(experiment_dir(space), space, _fingerprint(space, absolute_paths(base)), resume)
-
-
 def run_search(
-    space: SearchSpace,
-    base: Config,
-    *,
-    resume: bool = False,
-    say: Callable[[str], None] = print_line,
-    extra_callbacks: Callable[[TrialSetup], list] | None = None,
+    space: SearchSpace, base: Config, *, resume: bool = False, listeners: Sequence[Listener] = ()
 ) -> SearchSummary:
     """Run (or resume) the search; return its summary. The caller prints it.
 
-    ``extra_callbacks`` gets the trials' setup once every check has passed, just before the
-    first trial, and returns more Tune callbacks (tracking)."""
+    Every event goes to results.json first, then to ``listeners`` (tracking): ``SearchStarted``
+    once every check has passed, just before the first trial (a listener may still refuse
+    the search by raising), trial events as they happen, ``SearchEnded`` with the summary."""
     folder = experiment_dir(space)
     base = absolute_paths(base)
     fingerprint = _fingerprint(space, base)
     _check_experiment_folder(folder, space, fingerprint, resume)
-    train_size = ensure_dataset(space, base, say)
+    train_size = ensure_dataset(space, base)
 
     started_ray = connect_ray(space.resources.local_cpus)
     try:
@@ -503,61 +394,24 @@ def run_search(
         check_storage_reachable(space, folder, cluster)
         plan = plan_resources(space, cluster)
         for line in describe_plan(space, base, plan):
-            say(line)
+            log.info(line)
         setup = TrialSetup(space, base.to_dict(), train_size, plan, storage.join(folder, "train"))
-        callbacks = extra_callbacks(setup) if extra_callbacks else []  # tracking: may refuse to start
+        results = SearchResults(storage.join(folder, "results.json"), space.search.metric, space.search.resolved_mode)
+        events = TrialEvents([results, *listeners], setup, folder)
+        events.emit(SearchStarted(folder, resume))
         about = {"fingerprint": fingerprint, "metric": space.search.metric, "mode": space.search.resolved_mode}
         storage.write_text(storage.join(folder, "search.json"), json.dumps(about) + "\n")
-        trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), plan.driver)
-        monitor = SearchMonitor(
-            storage.join(folder, "results.json"),
-            space.search.metric,
-            space.search.resolved_mode,
-            space.search.asha.max_samples,
-            say,
-        )
-        storage_path, filesystem = storage.ray_storage(folder)
-        run_config = tune.RunConfig(
-            name=TUNE_FOLDER,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            callbacks=[MonitorCallback(monitor), *callbacks],
-            verbose=0,
-            failure_config=tune.FailureConfig(max_failures=1),  # a crashed trial driver is retried once
-        )
         start = time.monotonic()
-        if resume:
-            say(f"resuming {folder}")
-            tuner = tune.Tuner.restore(
-                f"{storage_path}/{TUNE_FOLDER}",
-                trainable,
-                resume_unfinished=True,
-                resume_errored=True,
-                storage_filesystem=filesystem,
-            )
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    metric=space.search.metric,  # for ASHA; the searcher holds its own copy
-                    mode=space.search.resolved_mode,
-                    search_alg=build_searcher(space),
-                    scheduler=build_scheduler(space),
-                    num_samples=space.search.num_samples,
-                    max_concurrent_trials=plan.concurrency,
-                    trial_dirname_creator=_trial_dirname,
-                ),
-                run_config=run_config,
-            )
         interrupted = False
         try:
-            tuner.fit()
+            _tuner(space, setup, folder, events, resume).fit()
         except KeyboardInterrupt:
             interrupted = True
-        monitor.reload()  # after a restore, Tune's unpickled copy of the callback kept the records
-        interrupted = interrupted or monitor.counts()["running"] > 0
+        interrupted = interrupted or results.counts()[Outcome.RUNNING] > 0
         sweep_scratch_on_every_node()
-        return _finish(space, setup, monitor, folder, time.monotonic() - start, interrupted, plan.cluster)
+        summary = _finish(space, setup, results, folder, time.monotonic() - start, interrupted, plan.cluster)
+        events.emit(SearchEnded(summary, load_study(folder)))
+        return summary
     finally:
         if started_ray:
             import ray
@@ -565,7 +419,47 @@ def run_search(
             ray.shutdown()
 
 
+def _tuner(space: SearchSpace, setup: TrialSetup, folder: str, events: TrialEvents, resume: bool) -> tune.Tuner:
+    """A new Tuner, or the one Tune saved in the folder (its searcher state included)."""
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), setup.plan.driver)
+    storage_path, filesystem = storage.ray_storage(folder)
+    if resume:
+        log.info("resuming %s", folder)
+        tuner = tune.Tuner.restore(
+            f"{storage_path}/{TUNE_FOLDER}",
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
+        internals.restored_run_config(tuner).callbacks = [events]  # the saved copy has no listeners
+        return tuner
+    run_config = tune.RunConfig(
+        name=TUNE_FOLDER,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        callbacks=[events],
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=1),  # a crashed trial driver is retried once
+    )
+    s = space.search
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=s.metric,  # for ASHA; the searcher holds its own copy
+            mode=s.resolved_mode,
+            search_alg=build_searcher(space),
+            scheduler=build_scheduler(space),
+            num_samples=s.num_samples,
+            max_concurrent_trials=setup.plan.concurrency,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=run_config,
+    )
+
+
 def _check_experiment_folder(folder: str, space: SearchSpace, fingerprint: str, resume: bool) -> None:
+    """Refuse a new search over an existing one, or a resume of a missing or different one."""
     storage_path, filesystem = storage.ray_storage(folder)
     tune_folder = f"{storage_path}/{TUNE_FOLDER}"
     exists = storage.exists(storage.join(folder, TUNE_FOLDER)) and tune.Tuner.can_restore(
@@ -583,39 +477,47 @@ def _check_experiment_folder(folder: str, space: SearchSpace, fingerprint: str, 
         )
 
 
-def _finish(space, setup, monitor: SearchMonitor, folder: str, seconds: float, interrupted: bool, cluster: str):
+def _finish(
+    space: SearchSpace,
+    setup: TrialSetup,
+    results: SearchResults,
+    folder: str,
+    seconds: float,
+    interrupted: bool,
+    cluster: str,
+) -> SearchSummary:
     """Export the best trial (its config and best checkpoint) and write the summary. A best
     checkpoint that cannot be read is a problem listed in the summary, never a silent gap."""
-    best = monitor.best()
-    best_config = best_checkpoint = None
+    best = results.best()
+    best_config = best_config_file = best_checkpoint = None
     problems = []
-    if best and best["checkpoint"]:
-        cfg = build_trial_config(setup, best["params"])
-        cfg.system.out_dir = None
-        cfg.checkpoint.resume = None
-        cfg.system.progress = True
-        best_config = storage.join(folder, "best_config.yaml")
-        storage.write_text(best_config, cfg.to_yaml())
-        source = storage.join(best["checkpoint"], "best.pt")
+    if best and best.checkpoint:
+        best_config = build_trial_config(setup, best.params)
+        best_config.system.out_dir = None
+        best_config.checkpoint.resume = None
+        best_config.system.progress = True
+        best_config_file = storage.join(folder, "best_config.yaml")
+        storage.write_text(best_config_file, best_config.to_yaml())
         try:
-            storage.copy(source, storage.join(folder, "best", "model.pt"))
+            storage.copy(storage.join(best.checkpoint, "best.pt"), storage.join(folder, "best", "model.pt"))
             best_checkpoint = storage.join(folder, "best", "model.pt")
         except PosetuneError as exc:
             problems.append(f"the best trial's checkpoint could not be exported: {exc}")
     elif best:
-        problems.append(f"the best trial {best['id']} reported no checkpoint; nothing was exported")
+        problems.append(f"the best trial {best.id} reported no checkpoint; nothing was exported")
     summary = SearchSummary(
-        folder,
-        rank_records(list(monitor.records.values()), monitor.metric, monitor.mode),
-        monitor.counts(),
-        seconds,
-        space.search.metric,
-        space.search.resolved_mode,
-        best_config,
-        best_checkpoint,
-        interrupted,
-        cluster,
-        problems,
+        experiment_dir=folder,
+        records=results.ranked(),
+        counts=results.counts(),
+        seconds=seconds,
+        metric=space.search.metric,
+        mode=space.search.resolved_mode,
+        best_config=best_config,
+        best_config_file=best_config_file,
+        best_checkpoint=best_checkpoint,
+        interrupted=interrupted,
+        cluster=cluster,
+        problems=problems,
     )
     storage.write_text(storage.join(folder, "summary.txt"), "\n".join(summary_lines(summary)) + "\n")
     return summary
@@ -630,70 +532,3 @@ def load_study(folder: str):
     if not states:
         return None
     return internals.study_in_saved_state(pickle.loads(storage.read_bytes(storage.join(tune_folder, states[-1]))))
-
-
-def space_params(space: SearchSpace) -> dict[str, Any]:
-    """The search's own settings, flattened, for the parent run."""
-    params = {f"space.{key}": describe_parameter(p) for key, p in space.parameters.items()}
-    for section in ("search", "resources"):
-        for key, value in getattr(space, section).model_dump(mode="json").items():
-            if key != "points_to_evaluate":
-                params[f"{section}.{key}"] = json.dumps(value) if isinstance(value, dict) else value
-    params["search.points_to_evaluate"] = len(space.search.points_to_evaluate)
-    params["base.config"] = space.base.config
-    return params
-
-
-def summary_lines(summary: SearchSummary, top: int = 10) -> list[str]:
-    """The final table: best trials first with parameters and metrics, counts, wall time."""
-    c = summary.counts
-    lines = [
-        f"{len(summary.records)} trials in {summary.seconds / 60:.1f} min: {c['completed']} completed, "
-        f"{c['stopped_early']} stopped early by ASHA, {c['failed']} failed, {c['diverged']} diverged"
-        + (f", {c['running']} unfinished" if c["running"] else ""),
-        "",
-    ]
-    lines += results_table(summary.records[:top], summary.metric)
-    lines += [f"error: {problem}" for problem in summary.problems]
-    if summary.best_config:
-        lines += [
-            "",
-            f"best config:     {summary.best_config}",
-            f"best checkpoint: {summary.best_checkpoint}",
-        ]
-    lines.append(f"results:         {storage.join(summary.experiment_dir, 'results.json')}")
-    return lines
-
-
-def results_table(records: list[dict[str, Any]], metric: str) -> list[str]:
-    rows = []
-    for r in records:
-        best = r.get("best_metrics") or {}
-        rows.append(
-            [
-                r["id"],
-                r["status"],
-                f"{r['samples_seen']:,}",
-                best.get(metric),
-                best.get("translation_error_cm"),
-                best.get("orientation_error_deg"),
-                _format_params(r["params"]),
-            ]
-        )
-    return format_table(rows, ["trial", "status", "samples", metric, "cm", "deg", "parameters"])
-
-
-def load_results(name: str, storage_path: str) -> tuple[dict[str, Any], str, str]:
-    """(results.json, metric, mode) of a stored search (local or gs://); nothing is run."""
-    folder = storage.join(storage.absolute(storage_path), name)
-    if not storage.exists(storage.join(folder, "results.json")):
-        raise PosetuneError(f"no results for a search named {name!r} in {storage_path} (set storage.path=...)")
-    about = json.loads(storage.read_text(storage.join(folder, "search.json")))
-    return json.loads(storage.read_text(storage.join(folder, "results.json"))), about["metric"], about["mode"]
-
-
-def rank_records(records: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
-    """Best first (by each trial's best evaluation); trials without results last."""
-    scored = [r for r in records if metric in (r.get("best_metrics") or {})]
-    scored.sort(key=lambda r: r["best_metrics"][metric], reverse=mode == "max")
-    return scored + [r for r in records if r not in scored]

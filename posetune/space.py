@@ -16,6 +16,7 @@ path, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,11 +25,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from posetune import storage
-from posetune.choices import METRIC_NAMES, metric_mode
+from posetune.choices import METRIC_NAMES, did_you_mean, metric_mode
 from posetune.config import (
     Config,
     TrackingConfig,
-    closest_key,
     config_keys,
     load_config,
     parse_override,
@@ -190,8 +190,7 @@ def _pydantic_problems(exc: ValidationError, raw: Mapping[str, Any]) -> list[str
         if error["type"] == "extra_forbidden":
             section = ".".join(str(p) for p in error["loc"][:-1])
             allowed = _allowed_fields(error["loc"][:-1])
-            hint = closest_key(str(error["loc"][-1]), allowed) if allowed else None
-            suggestion = f"; did you mean {hint}?" if hint else f"; allowed: {', '.join(allowed)}"
+            suggestion = did_you_mean(str(error["loc"][-1]), allowed) or f"; allowed: {', '.join(allowed)}"
             problems.append(f"{key}: unknown key in {section or 'the file'}{suggestion}")
         elif error["type"] == "missing":
             problems.append(f"{key}: required")
@@ -244,8 +243,7 @@ def _check_parameters(space: SearchSpace, base_cfg: Config | None, problems: lis
     for key, p in space.parameters.items():
         where = f"parameters.{key}"
         if key != EFFECTIVE_BATCH and key not in valid:
-            hint = closest_key(key, valid)
-            problems.append(f"{where}: unknown config key{f'; did you mean {hint}?' if hint else ''}")
+            problems.append(f"{where}: unknown config key{did_you_mean(key, valid)}")
             continue
         distribution_problems = _distribution_problems(p)
         problems += [f"{where}: {message}" for message in distribution_problems]
@@ -327,9 +325,8 @@ def _check_effective_batch(space: SearchSpace, declared: Mapping[str, Parameter]
 def _check_search(space: SearchSpace, problems: list[str]) -> None:
     s = space.search
     if s.metric not in METRIC_NAMES:
-        hint = closest_key(s.metric, METRIC_NAMES)
         problems.append(
-            f"search.metric = {s.metric!r} is not a metric; {f'did you mean {hint}? ' if hint else ''}"
+            f"search.metric = {s.metric!r} is not a metric{did_you_mean(s.metric, METRIC_NAMES) or ';'} "
             f"choose one of: {', '.join(METRIC_NAMES)}"
         )
     if s.asha.grace_samples > s.asha.max_samples:
@@ -423,3 +420,15 @@ def describe_parameter(p: Parameter) -> str:
     if p.when:
         text += "  when " + ", ".join(f"{k}={v}" for k, v in p.when.items())
     return text
+
+
+def space_params(space: SearchSpace) -> dict[str, Any]:
+    """The search's own settings, flattened (a search's MLflow parent-run params)."""
+    params = {f"space.{key}": describe_parameter(p) for key, p in space.parameters.items()}
+    for section in ("search", "resources"):
+        for key, value in getattr(space, section).model_dump(mode="json").items():
+            if key != "points_to_evaluate":
+                params[f"{section}.{key}"] = json.dumps(value) if isinstance(value, dict) else value
+    params["search.points_to_evaluate"] = len(space.search.points_to_evaluate)
+    params["base.config"] = space.base.config
+    return params

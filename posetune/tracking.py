@@ -1,5 +1,7 @@
-"""MLflow tracking: a parent run per search with one nested child run per trial, and one run
-per `posetune train`.
+"""MLflow tracking: a parent run per search with one nested child run per trial (``SearchRun``,
+a listener of the search's events in posetune.results), and one run per `posetune train`
+(``TrainRun``). Both are context managers: a run closes itself as FINISHED, FAILED or KILLED.
+Nothing here imports Ray, the search or the trials.
 
 Everything is logged from the driver process: Tune already receives rank 0's metrics, so
 there is exactly one writer and no MLflow state in training workers. Calls go through
@@ -29,24 +31,28 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray import tune
-
 from posetune import storage
 from posetune.config import Config, TrackingConfig, flatten
-from posetune.errors import PosetuneError
-from posetune.metrics import METRIC_NAMES
-from posetune.search import first_error_line, print_line, trial_status
-from posetune.trial import TrialSetup, build_trial_config
+from posetune.errors import PosetuneError, TrainingDiverged
+from posetune.results import (
+    REPORTED,
+    Outcome,
+    SearchEnded,
+    SearchEvent,
+    SearchStarted,
+    SearchSummary,
+    TrialEnded,
+    TrialReported,
+    TrialStarted,
+)
 
 log = logging.getLogger(__name__)
 
 PROJECT_RUNS = Path("runs")  # the project's run folder, relative to the working directory
 STATE_FILE = "tracking.json"
-LOGGED_METRICS = (*METRIC_NAMES, "train_loss", "train_images_per_s")
 
 
 # --- Where runs go --------------------------------------------------------------------------
@@ -126,9 +132,9 @@ class AsyncLogger:
     """Applies MLflow calls in order on a background thread, retrying transient failures
     (server down, timeouts) with backoff until they succeed or ``close`` gives up on them."""
 
-    def __init__(self, say: Callable[[str], None] = print_line, max_backoff_s: float = 15.0):
+    def __init__(self, max_backoff_s: float = 15.0):
         self._queue: queue.Queue = queue.Queue()
-        self._say, self._max_backoff = say, max_backoff_s
+        self._max_backoff = max_backoff_s
         self._closing = threading.Event()
         self._busy = False
         self.failed: list[str] = []  # what could not be logged, and why
@@ -175,7 +181,7 @@ class AsyncLogger:
             except Exception as exc:  # classified below
                 if not _transient(exc):
                     self.failed.append(f"{what}: {str(exc).splitlines()[0][:200]}")
-                    self._say(f"MLflow: could not log {what}: {str(exc).splitlines()[0][:200]}")
+                    log.warning("MLflow: could not log %s: %s", what, str(exc).splitlines()[0][:200])
                     return
                 if self._closing.is_set():
                     self.failed.append(f"{what} (gave up: {str(exc).splitlines()[0][:120]})")
@@ -183,12 +189,12 @@ class AsyncLogger:
                 if not down:
                     down = True
                     self.outages += 1
-                    self._say(f"MLflow unavailable ({str(exc).splitlines()[0][:100]}); retrying in the background")
+                    log.warning("MLflow unavailable (%s); retrying in the background", str(exc).splitlines()[0][:100])
                 time.sleep(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
                 continue
             if down:
-                self._say("MLflow reachable again; catching up")
+                log.info("MLflow reachable again; catching up")
             return
 
 
@@ -212,7 +218,7 @@ def _metrics_batch(metrics: dict[str, Any], step: int):
     return [
         Metric(key, float(value), now, step)
         for key, value in metrics.items()
-        if key in LOGGED_METRICS and isinstance(value, (int, float)) and math.isfinite(value)
+        if key in REPORTED and isinstance(value, (int, float)) and math.isfinite(value)
     ]
 
 
@@ -247,94 +253,85 @@ def posetune_tags() -> dict[str, str]:
 # --- A search: parent run, child runs ---------------------------------------------------------
 
 
-@dataclass
-class SearchTracking:
-    """Everything the trial callback needs (pickled by Tune with the experiment)."""
+class SearchRun:
+    """A search's parent run, with one child run per trial. It listens to the search's events
+    and, as a context manager, closes the parent run: FINISHED, KILLED (interrupted) or FAILED.
 
-    uri: str
-    experiment_id: str
-    parent_run_id: str
-    folder: str  # the experiment folder holding tracking.json
-    budget: int
-    log_checkpoints: bool
+    Run ids live in tracking.json in the experiment folder, so a resumed search continues the
+    same parent and child runs. Calls after the parent run is opened go through an
+    ``AsyncLogger``: the search never waits on MLflow."""
 
+    def __init__(self, settings: TrackingConfig, name: str, folder: str, space_file: str, params: dict[str, Any]):
+        self.uri = resolve_tracking_uri(settings.tracking_uri)
+        self.experiment_name = settings.experiment_name or name
+        self.model_name = settings.registered_model_name or f"posetune-{name}"
+        self.log_checkpoints = settings.log_checkpoints
+        self.name, self.folder, self.space_file, self.params = name, folder, space_file, params
+        self.parent_run_id: str | None = None
+        self.unlogged: list[str] = []  # what MLflow did not receive, once closed
+        self._summary: SearchSummary | None = None
 
-def _read_state(folder: str) -> dict[str, Any]:
-    path = storage.join(folder, STATE_FILE)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else {"trials": {}, "unlogged": []}
+    def __enter__(self) -> SearchRun:
+        check_tracking_uri(self.uri, create=False)  # a server that is down stops us before anything starts
+        return self
 
-
-def _write_state(folder: str, state: dict[str, Any]) -> None:
-    storage.write_text(storage.join(folder, STATE_FILE), json.dumps(state, indent=2) + "\n")
-
-
-class TrackingCallback(tune.Callback):
-    """Logs each trial to its own child run of the search's parent run."""
-
-    def __init__(
-        self,
-        settings: SearchTracking,
-        trial_params: Callable[[dict[str, Any]], dict[str, Any]],
-        say: Callable[[str], None] = print_line,
-    ):
-        self.settings, self.trial_params, self.say = settings, trial_params, say
-        self._logger: AsyncLogger | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_logger": None}  # the thread and client are per process
-
-    @property
-    def logger(self) -> AsyncLogger:
-        if self._logger is None:
-            self._logger = AsyncLogger(self.say)
-            self._client = _client(self.settings.uri)
-            self._lock = threading.Lock()
-        return self._logger
-
-    def _run_id(self, trial_id: str) -> str | None:
-        return _read_state(self.settings.folder)["trials"].get(trial_id)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        params = dict(trial.config)
-        self.logger.submit(
-            f"create the run of trial {trial.trial_id}", lambda: self._ensure_child(trial.trial_id, params)
-        )
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("diverged"):
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self.parent_run_id is None:  # the search stopped before its first trial: nothing was logged
             return
-        batch = _metrics_batch(result, int(result["samples_seen"]))
-        self.logger.submit(
-            f"metrics of trial {trial.trial_id} at {result['samples_seen']} samples",
-            lambda: self._client.log_batch(self._require(trial.trial_id), metrics=batch),
-        )
+        interrupted = exc_type is KeyboardInterrupt or (self._summary is not None and self._summary.interrupted)
+        status = "KILLED" if interrupted else "FAILED" if exc_type is not None else "FINISHED"
+        parent = self.parent_run_id
+        self.logger.submit("closing the parent run", lambda: self.client.set_terminated(parent, status))
+        self.unlogged = self.logger.close(timeout_s=300)
+        _warn_unlogged(self.unlogged)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        status = trial_status(result, self.settings.budget)
-        self._finish(trial.trial_id, status, result.get("error"), result.get("checkpoint_path"))
+    def on_event(self, event: SearchEvent) -> None:
+        if isinstance(event, SearchStarted):
+            self._open(event.resume)
+        elif isinstance(event, TrialStarted):
+            params = flatten(event.config.to_dict())
+            self.logger.submit(
+                f"create the run of trial {event.trial_id}", lambda: self._ensure_child(event.trial_id, params)
+            )
+        elif isinstance(event, TrialReported):
+            batch = _metrics_batch(event.metrics, event.samples_seen)
+            self.logger.submit(
+                f"metrics of trial {event.trial_id} at {event.samples_seen} samples",
+                lambda: self.client.log_batch(self._child(event.trial_id), metrics=batch),
+            )
+        elif isinstance(event, TrialEnded):
+            best = storage.join(event.checkpoint, "best.pt") if self.log_checkpoints and event.checkpoint else None
+            self.logger.submit(
+                f"final status ({event.outcome.value}) and best checkpoint of trial {event.trial_id}",
+                lambda: close_run(self.client, self._child(event.trial_id), event.outcome, event.error, best),
+            )
+        elif isinstance(event, SearchEnded):
+            self._log_outcome(event.summary, event.study)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        checkpoint = (trial.last_result or {}).get("checkpoint_path")
-        self._finish(trial.trial_id, "failed", first_error_line(trial), checkpoint)
+    def _open(self, resume: bool) -> None:
+        """Check the store and open the parent run (the same one when resuming). Synchronous:
+        a tracking problem stops the search before anything trains."""
+        check_tracking_uri(self.uri)
+        self.client = _client(self.uri)
+        self.experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
+        self.state = _read_state(self.folder) if resume else {"trials": {}}
+        if self.state.get("parent_run_id"):
+            self.client.update_run(self.state["parent_run_id"], status="RUNNING")
+        else:
+            tags = {"posetune.kind": "search", **posetune_tags()}
+            run = self.client.create_run(self.experiment_id, run_name=self.name, tags=tags)
+            self.state["parent_run_id"] = run.info.run_id
+            log_params(self.client, run.info.run_id, self.params)
+            with storage.local_copy(self.space_file) as local:
+                self.client.log_artifact(run.info.run_id, str(local), "search_space")
+        self.state["experiment_id"] = self.experiment_id
+        _write_state(self.folder, self.state)
+        self.parent_run_id = self.state["parent_run_id"]
+        self.logger = AsyncLogger()
+        log.info("MLflow: experiment '%s' at %s, parent run %s", self.experiment_name, self.uri, self.parent_run_id)
 
-    def on_experiment_end(self, trials, **info):
-        unlogged = self.logger.close(timeout_s=120)
-        state = _read_state(self.settings.folder)
-        state["unlogged"] = unlogged
-        _write_state(self.settings.folder, state)
-
-    def _finish(self, trial_id: str, status: str, error: str | None, checkpoint: str | None) -> None:
-        best = None
-        if self.settings.log_checkpoints and checkpoint:  # Ray's path (bucket-relative on gs://) as a URI
-            best = storage.join(storage.from_ray_path(self.settings.folder, checkpoint), "best.pt")
-        self.logger.submit(
-            f"final status ({status}) and best checkpoint of trial {trial_id}",
-            lambda: close_run(self._client, self._require(trial_id), status, error, best),
-        )
-
-    def _require(self, trial_id: str) -> str:
-        run_id = self._run_id(trial_id)
+    def _child(self, trial_id: str) -> str:
+        run_id = self.state["trials"].get(trial_id)
         if run_id is None:
             raise RuntimeError(f"no MLflow run for trial {trial_id} yet")
         return run_id
@@ -342,157 +339,93 @@ class TrackingCallback(tune.Callback):
     def _ensure_child(self, trial_id: str, params: dict[str, Any]) -> None:
         """Exactly one child per trial: reuse the recorded one (a resumed trial continues its
         run), else one found by tag (a crash between creating and recording), else create."""
-        with self._lock:
-            folder = self.settings.folder
-            run_id = self._run_id(trial_id) or self._find_child(trial_id)
-            if run_id is None:
-                run = self._client.create_run(
-                    self.settings.experiment_id,
-                    run_name=f"trial-{trial_id}",
-                    tags={
-                        "mlflow.parentRunId": self.settings.parent_run_id,
-                        "posetune.trial_id": trial_id,
-                        "posetune.status": "running",
-                        **posetune_tags(),
-                    },
-                )
-                run_id = run.info.run_id
-                log_params(self._client, run_id, self.trial_params(params))
-            else:
-                self._client.update_run(run_id, status="RUNNING")
-            state = _read_state(folder)
-            state["trials"][trial_id] = run_id
-            _write_state(folder, state)
+        run_id = self.state["trials"].get(trial_id) or self._find_child(trial_id)
+        if run_id is None:
+            tags = {
+                "mlflow.parentRunId": self.parent_run_id,
+                "posetune.trial_id": trial_id,
+                "posetune.status": Outcome.RUNNING.value,
+                **posetune_tags(),
+            }
+            run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags).info.run_id
+            log_params(self.client, run_id, params)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.state["trials"][trial_id] = run_id
+        _write_state(self.folder, self.state)
 
     def _find_child(self, trial_id: str) -> str | None:
-        runs = self._client.search_runs(
-            [self.settings.experiment_id],
-            filter_string=f"tags.posetune.trial_id = '{trial_id}' and tags.mlflow.parentRunId = "
-            f"'{self.settings.parent_run_id}'",
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.posetune.trial_id = '{trial_id}' and tags.mlflow.parentRunId = '{self.parent_run_id}'",
         )
         return runs[0].info.run_id if runs else None
 
-
-class ResolvedParams:
-    """Sampled parameters -> the trial's full config, flattened (its MLflow params).
-    A class so that Tune can pickle it with the callback."""
-
-    def __init__(self, setup: TrialSetup):
-        self.setup = setup
-
-    def __call__(self, params: dict[str, Any]) -> dict[str, Any]:
-        return flatten(build_trial_config(self.setup, params).to_dict())
-
-
-class SearchTracker:
-    """The driver's side: opens (or re-opens) the parent run, hands Tune the trial callback,
-    and at the end logs the search's results, plots and best model to the parent run."""
-
-    def __init__(self, settings: TrackingConfig, name: str, folder: str, say: Callable[[str], None] = print_line):
-        self.config, self.name, self.folder, self.say = settings, name, folder, say
-        self.uri = resolve_tracking_uri(settings.tracking_uri)
-        self.experiment_name = settings.experiment_name or name
-        self.model_name = settings.registered_model_name or f"posetune-{name}"
-
-    def start(self, space_file: str, params: dict[str, Any], resume: bool) -> None:
-        """Check the store and open the parent run (the same one when resuming). Synchronous:
-        a tracking problem stops the search before anything trains."""
-        check_tracking_uri(self.uri)
-        client = _client(self.uri)
-        experiment_id = experiment_id_for(client, self.experiment_name, self.uri)
-        state = _read_state(self.folder) if resume else {"trials": {}, "unlogged": []}
-        if state.get("parent_run_id"):
-            client.update_run(state["parent_run_id"], status="RUNNING")
-        else:
-            run = client.create_run(
-                experiment_id, run_name=self.name, tags={"posetune.kind": "search", **posetune_tags()}
-            )
-            state["parent_run_id"] = run.info.run_id
-            log_params(client, run.info.run_id, params)
-            with storage.local_copy(space_file) as local:
-                client.log_artifact(run.info.run_id, str(local), "search_space")
-        state["experiment_id"] = experiment_id
-        _write_state(self.folder, state)
-        self.say(f"MLflow: experiment '{self.experiment_name}' at {self.uri}, parent run {state['parent_run_id']}")
-        self.experiment_id, self.parent_run_id = experiment_id, state["parent_run_id"]
-
-    def callbacks(self, setup: TrialSetup) -> list[tune.Callback]:
-        """The Tune callback that logs trials (for run_search's extra_callbacks)."""
-        settings = SearchTracking(
-            self.uri,
-            self.experiment_id,
-            self.parent_run_id,
-            str(self.folder),
-            setup.space.search.asha.max_samples,
-            self.config.log_checkpoints,
-        )
-        return [TrackingCallback(settings, ResolvedParams(setup), self.say)]
-
-    def finish(self, summary, study, best_config: Config | None) -> list[str]:
-        """Log the search's outcome to the parent run; return what could not be logged."""
-        state = _read_state(self.folder)
-        unlogged = list(state.get("unlogged", []))
-        logger = AsyncLogger(self.say)
-        client = _client(self.uri)
-        parent = state["parent_run_id"]
-        best = summary.records[0] if summary.records and summary.records[0].get("best_metrics") else None
+    def _log_outcome(self, summary: SearchSummary, study) -> None:
+        """The search's best metrics, counts, results files, plots and best model, on the parent run."""
+        self._summary = summary
+        client, parent, best = self.client, self.parent_run_id, summary.best
+        counts = {
+            f"posetune.trials_{outcome.value}": n for outcome, n in summary.counts.items() if outcome.value != "running"
+        }
+        tags = {**counts, "posetune.best_trial": best.id if best else "none", "posetune.cluster": summary.cluster}
 
         def outcome() -> None:
-            c = summary.counts
-            client.log_batch(
-                parent,
-                metrics=_metrics_batch(best["best_metrics"], 0) if best else [],
-                tags=_tag_list(
-                    {
-                        "posetune.trials_completed": c["completed"],
-                        "posetune.trials_stopped_early": c["stopped_early"],
-                        "posetune.trials_failed": c["failed"],
-                        "posetune.trials_diverged": c["diverged"],
-                        "posetune.best_trial": best["id"] if best else "none",
-                        "posetune.cluster": summary.cluster,
-                    }
-                ),
-            )
+            metrics = _metrics_batch(best.best_metrics, 0) if best else []
+            client.log_batch(parent, metrics=metrics, tags=_tag_list(tags))
             for name in ("results.json", "summary.txt"):
                 with storage.local_copy(storage.join(summary.experiment_dir, name)) as local:
                     client.log_artifact(parent, str(local))
 
-        logger.submit("the search's best metrics, results.json and summary", outcome)
+        self.logger.submit("the search's best metrics, results.json and summary", outcome)
         if study is not None:
-            logger.submit("the study plots", lambda: self._log_plots(client, parent, study))
-        if best_config is not None and summary.best_checkpoint:
-            logger.submit(
+            self.logger.submit("the study plots", lambda: _log_plots(client, parent, study))
+        if best and summary.best_config is not None and summary.best_checkpoint:
+            self.logger.submit(
                 f"registering the best model as '{self.model_name}'",
-                lambda: self._register(parent, summary.best_checkpoint, best_config, best),
+                lambda: self._register(summary.best_checkpoint, summary.best_config, best.id, best.best_metrics),
             )
-        status = "KILLED" if summary.interrupted else "FINISHED"
-        logger.submit("closing the parent run", lambda: client.set_terminated(parent, status))
-        unlogged += logger.close(timeout_s=300)
-        return unlogged
 
-    def _log_plots(self, client, run_id: str, study) -> None:
-        from posetune.plots import study_plots
-
-        with tempfile.TemporaryDirectory() as folder:
-            for problem in study_plots(study, Path(folder)):
-                self.say(f"plot skipped: {problem}")
-            client.log_artifacts(run_id, folder, "plots")
-
-    def _register(self, run_id: str, checkpoint: str, cfg: Config, best: dict) -> None:
-        version = register_model(self.uri, run_id, checkpoint, cfg, self.model_name, best["best_metrics"])
-        self.say(f"MLflow: registered models:/{self.model_name}/{version} (trial {best['id']})")
+    def _register(self, checkpoint: str, cfg: Config, trial_id: str, metrics: dict[str, float]) -> None:
+        version = register_model(self.uri, self.parent_run_id, checkpoint, cfg, self.model_name, metrics)
+        log.info("MLflow: registered models:/%s/%s (trial %s)", self.model_name, version, trial_id)
 
 
-def close_run(client, run_id: str, status: str, error: str | None, best_checkpoint: str | None) -> None:
-    """A trial's or a training run's end: its posetune status (and error) as tags, its best
-    checkpoint (a local path or gs://) as an artifact, and MLflow's run state."""
-    client.set_tag(run_id, "posetune.status", status)
+def _read_state(folder: str) -> dict[str, Any]:
+    path = storage.join(folder, STATE_FILE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else {"trials": {}}
+
+
+def _write_state(folder: str, state: dict[str, Any]) -> None:
+    storage.write_text(storage.join(folder, STATE_FILE), json.dumps(state, indent=2) + "\n")
+
+
+def _log_plots(client, run_id: str, study) -> None:
+    from posetune.plots import study_plots
+
+    with tempfile.TemporaryDirectory() as folder:
+        for problem in study_plots(study, Path(folder)):
+            log.info("plot skipped: %s", problem)
+        client.log_artifacts(run_id, folder, "plots")
+
+
+def _warn_unlogged(unlogged: list[str]) -> None:
+    if unlogged:
+        log.warning(
+            "MLflow: %d item(s) could not be logged:\n%s", len(unlogged), "\n".join(f"  - {u}" for u in unlogged)
+        )
+
+
+def close_run(client, run_id: str, outcome: Outcome, error: str | None, best_checkpoint: str | None) -> None:
+    """A trial's or a training run's end: its outcome (and error) as tags, its best checkpoint
+    (a local path or gs://) as an artifact, and MLflow's run state."""
+    client.set_tag(run_id, "posetune.status", outcome.value)
     if error:
         client.set_tag(run_id, "posetune.error", error[:5000])
     if best_checkpoint is not None:  # one that cannot be read is reported as not logged
         with storage.local_copy(best_checkpoint) as local:
             client.log_artifact(run_id, str(local), "checkpoints")
-    client.set_terminated(run_id, "FAILED" if status in ("failed", "diverged") else "FINISHED")
+    client.set_terminated(run_id, outcome.run_status)
 
 
 def _tag_list(tags: dict[str, Any]):
@@ -534,7 +467,7 @@ def register_model(uri: str, run_id: str, checkpoint: str, cfg: Config, name: st
     version = str(info.registered_model_version)
     client = _client(uri)
     for key, value in metrics.items():
-        if key in LOGGED_METRICS and isinstance(value, (int, float)):
+        if key in REPORTED and isinstance(value, (int, float)):
             client.set_model_version_tag(name, version, key, str(value))
     client.update_model_version(name, version, description="posetune pose model; metrics in the version tags")
     return version
@@ -563,35 +496,44 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None):
 # --- One training run -------------------------------------------------------------------------
 
 
-class TrainTracker:
+class TrainRun:
     """`posetune train` as one MLflow run: params, metrics at every evaluation (step = samples
-    seen), the best checkpoint and the final status."""
+    seen), the best checkpoint and the final status. As a context manager it closes the run:
+    FINISHED, FAILED (an error, a divergence) or KILLED (Ctrl-C). A user error before the first
+    evaluation (a bad dataset path) logs nothing and creates no store."""
 
-    def __init__(self, cfg: Config, say: Callable[[str], None] = print_line):
-        self.cfg, self.say = cfg, say
+    def __init__(self, cfg: Config, out_dir: Path):
+        self.cfg, self.out_dir = cfg, out_dir
         self.uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
         self.experiment_name = cfg.tracking.experiment_name or "posetune"
-        self.logger: AsyncLogger | None = None
+        self.run_id: str | None = None
+        self.evaluated = False
+        self.unlogged: list[str] = []
 
-    def start(self, out_dir: Path) -> None:
-        """Check the store now (a problem stops us before training); the run itself is opened
-        by the first evaluation, so a run that never trains (a bad dataset path) logs nothing."""
+    def __enter__(self) -> TrainRun:
         check_tracking_uri(self.uri, create=False)  # an embedded store is made by the first evaluation
-        self.out_dir, self.run_id = out_dir, None
-        self.logger = AsyncLogger(self.say)
+        self.logger = AsyncLogger()
+        return self
 
-    def _open_run(self) -> None:
-        if self.run_id is not None:
-            return
-        check_tracking_uri(self.uri)
-        self.client = _client(self.uri)  # opening a SQLite store creates it
-        self.experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
-        tags = {"posetune.kind": "train", "posetune.status": "running", **posetune_tags()}
-        self.run_id = self.client.create_run(self.experiment_id, run_name=self.out_dir.name, tags=tags).info.run_id
-        log_params(self.client, self.run_id, flatten(self.cfg.to_dict()))
-        self.say(f"MLflow: run {self.run_id} in experiment '{self.experiment_name}' at {self.uri}")
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        outcome = _train_outcome(exc)
+        trained = self.evaluated or outcome is Outcome.DIVERGED or not isinstance(exc, PosetuneError)
+        if trained:
+            error = None if exc is None else str(exc) or type(exc).__name__
+            self.logger.submit("final status, config, metrics and best checkpoint", lambda: self._close(outcome, error))
+        name = self.cfg.tracking.registered_model_name
+        if name and outcome is Outcome.COMPLETED:
+            best = json.loads((self.out_dir / "metrics.json").read_text())["best"]
+            checkpoint = str(self.out_dir / "checkpoints" / "best.pt")
+            self.logger.submit(
+                f"registering the model as '{name}'",
+                lambda: register_model(self.uri, self.run_id, checkpoint, self.cfg, name, best),
+            )
+        self.unlogged = self.logger.close(timeout_s=300)
+        _warn_unlogged(self.unlogged)
 
     def on_evaluation(self, evaluation) -> None:
+        self.evaluated = True
         metrics = {
             **evaluation.metrics,
             "train_loss": evaluation.train_loss,
@@ -605,32 +547,33 @@ class TrainTracker:
 
         self.logger.submit(f"metrics at {evaluation.samples_seen} samples", apply)
 
-    def finish(self, status: str, error: str | None = None, trained: bool = True) -> list[str]:
-        """Close the run. `trained=False` (a user error before training) logs nothing."""
-        out_dir = self.out_dir
+    def _open_run(self) -> None:
+        if self.run_id is not None:
+            return
+        check_tracking_uri(self.uri)
+        self.client = _client(self.uri)  # opening a SQLite store creates it
+        experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
+        tags = {"posetune.kind": "train", "posetune.status": Outcome.RUNNING.value, **posetune_tags()}
+        self.run_id = self.client.create_run(experiment_id, run_name=self.out_dir.name, tags=tags).info.run_id
+        log_params(self.client, self.run_id, flatten(self.cfg.to_dict()))
+        log.info("MLflow: run %s in experiment '%s' at %s", self.run_id, self.experiment_name, self.uri)
 
-        best_file = out_dir / "checkpoints" / "best.pt"  # none when training stopped before an evaluation
+    def _close(self, outcome: Outcome, error: str | None) -> None:
+        self._open_run()
+        for name in ("config.yaml", "metrics.json"):
+            if (self.out_dir / name).exists():
+                self.client.log_artifact(self.run_id, str(self.out_dir / name))
+        best_file = self.out_dir / "checkpoints" / "best.pt"  # none when training stopped before an evaluation
         best = str(best_file) if self.cfg.tracking.log_checkpoints and best_file.exists() else None
+        close_run(self.client, self.run_id, outcome, error, best)
 
-        def apply() -> None:
-            self._open_run()
-            for name in ("config.yaml", "metrics.json"):
-                if (out_dir / name).exists():
-                    self.client.log_artifact(self.run_id, str(out_dir / name))
-            close_run(self.client, self.run_id, status, error, best)
 
-        if trained or self.run_id is not None:
-            self.logger.submit("final status, config, metrics and best checkpoint", apply)
-        name = self.cfg.tracking.registered_model_name
-        if name and status == "completed":
-            best = json.loads((out_dir / "metrics.json").read_text())["best"]
-            self.logger.submit(
-                f"registering the model as '{name}'",
-                lambda: register_model(
-                    self.uri, self.run_id, str(out_dir / "checkpoints" / "best.pt"), self.cfg, name, best
-                ),
-            )
-        return self.logger.close(timeout_s=300)
+def _train_outcome(exc: BaseException | None) -> Outcome:
+    if exc is None:
+        return Outcome.COMPLETED
+    if isinstance(exc, TrainingDiverged):
+        return Outcome.DIVERGED
+    return Outcome.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else Outcome.FAILED
 
 
 # --- posetune ui ------------------------------------------------------------------------------

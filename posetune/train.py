@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from posetune import storage
 from posetune.checkpoint import load_checkpoint, save_checkpoint
+from posetune.choices import better, metric_mode
 from posetune.config import Config, OptimizerConfig
 from posetune.data import (
     PoseDataset,
@@ -42,20 +43,12 @@ from posetune.data import (
     set_epoch,
     to_model_input,
 )
-from posetune.errors import ConfigError, DataError, PosetuneError
+from posetune.errors import ConfigError, DataError, TrainingDiverged
 from posetune.losses import get_orientation_loss, pose_loss
-from posetune.metrics import metric_mode, pose_metrics
+from posetune.metrics import pose_metrics
 from posetune.model import create_model, use_sync_batchnorm
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(PosetuneError):
-    """The loss became NaN or infinite."""
-
-    def __init__(self, message: str, samples_seen: int = 0):
-        super().__init__(message)
-        self.samples_seen = samples_seen
 
 
 # --- Learning-rate schedules (chosen by name in YAML: optimizer.schedule) ---------------------
@@ -302,12 +295,6 @@ def default_out_dir() -> Path:
     return Path("runs") / datetime.now().strftime("train-%Y%m%d-%H%M%S")
 
 
-def _is_better(value: float, best: dict | None, metric: str) -> bool:
-    if best is None or not math.isfinite(best[metric]):
-        return math.isfinite(value)
-    return value < best[metric] if metric_mode(metric) == "min" else value > best[metric]
-
-
 def _prepare_out_dir(cfg: Config, rank: int) -> Path:
     out_dir = storage.local_path(cfg.system.out_dir, "system.out_dir") if cfg.system.out_dir else default_out_dir()
     last = out_dir / "checkpoints" / "last.pt"
@@ -476,7 +463,9 @@ def fit(
         metrics = evaluate(model, val_set, cfg.val.batch_size, rt)
         record = {"epoch": state.epoch, "samples_seen": state.samples_seen, "train_loss": loss, **metrics}
         record["train_images_per_s"] = throughput  # this epoch's training throughput, all ranks
-        is_best = _is_better(metrics[cfg.checkpoint.monitor], state.best, cfg.checkpoint.monitor)
+        monitor = cfg.checkpoint.monitor
+        best_value = None if state.best is None else state.best[monitor]
+        is_best = better(metrics[monitor], best_value, metric_mode(monitor))
         state.history.append(record)
         state.best = record if is_best else state.best
         snapshot = checkpoint_state()

@@ -55,7 +55,7 @@ def test_autoscaler_config_adapter_answers(two_nodes):
 def test_local_storage_is_refused_on_two_nodes(two_nodes, synth_small, tmp_path):
     space, base = load_space(tiny_space(tmp_path, synth_small, name="local"))
     with pytest.raises(ConfigError, match=r"storage.path = .* is a local folder, but this cluster has more than one"):
-        run_search(space, base, say=lambda line: None)
+        run_search(space, base)
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 

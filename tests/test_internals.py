@@ -4,6 +4,7 @@ versions: an upgrade that renames one fails here, naming it, not deep inside a s
 from __future__ import annotations
 
 import optuna
+from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from posetune import internals
@@ -34,3 +35,27 @@ def test_ray_private_functions_exist():
 
     assert callable(services.find_gcs_addresses), "ray._private.services.find_gcs_addresses moved"
     assert callable(state.get_cluster_config), "ray._private.state.state.get_cluster_config moved"
+
+
+class _Events(tune.Callback):
+    """A Tune callback whose pickled copy forgets what it held, as posetune's TrialEvents does."""
+
+    def __init__(self, listeners):
+        self.listeners = listeners
+
+    def __getstate__(self):
+        return {"listeners": []}
+
+
+def test_a_restored_tuner_exposes_the_run_config_it_will_run_with(tmp_path):
+    def trainable(config):
+        return None
+
+    callback = _Events(["live listener"])
+    tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(tmp_path), name="x", callbacks=[callback]))
+    restored = tune.Tuner.restore(str(tmp_path / "x"), trainable)
+    run_config = internals.restored_run_config(restored)
+    assert isinstance(run_config, tune.RunConfig), "Tuner._local_tuner.get_run_config() moved"
+    assert [c.listeners for c in run_config.callbacks] == [[]]  # Tune restores callbacks from its pickle
+    run_config.callbacks = [callback]
+    assert internals.restored_run_config(restored).callbacks == [callback]

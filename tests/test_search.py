@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -29,10 +30,11 @@ def test_connects_to_the_running_cluster(ray_cluster):
     assert ray_cluster.cluster_resources()["CPU"] == 2
 
 
-def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys):
+def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys, caplog):
     space, base = load_space(tiny_space(tmp_path, synth_small))
-    lines: list[str] = []
-    summary = run_search(space, base, say=lines.append)
+    with caplog.at_level(logging.INFO, logger="posetune"):
+        summary = run_search(space, base)
+    lines = [record.getMessage() for record in caplog.records]  # progress goes through logging
 
     records = read_results(tmp_path)
     assert len(records) == 4 and not summary.interrupted
@@ -59,12 +61,11 @@ def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys):
 
     # Exports: the best config trains, the best checkpoint evaluates.
     folder = tmp_path / "runs" / "t"
-    assert summary.best_config == str(folder / "best_config.yaml") and (folder / "best" / "model.pt").exists()
+    assert summary.best_config_file == str(folder / "best_config.yaml") and (folder / "best" / "model.pt").exists()
     assert (folder / "summary.txt").read_text().startswith("4 trials in")
-    assert (
-        cli.main(["train", "--config", summary.best_config, "train.epochs=1", f"system.out_dir={tmp_path / 'retrain'}"])
-        == 0
-    )
+    out_dir = f"system.out_dir={tmp_path / 'retrain'}"
+    retrain = ["train", "--config", summary.best_config_file, "train.epochs=1", out_dir]
+    assert cli.main(retrain) == 0
     assert (tmp_path / "retrain" / "checkpoints" / "best.pt").exists()
     assert cli.main(["evaluate", "--checkpoint", str(folder / "best" / "model.pt")]) == 0
 
@@ -89,7 +90,7 @@ def test_two_worker_trial_trains_with_ddp(ray_cluster, synth_small, tmp_path):
         search__points_to_evaluate=[],
     )
     space, base = load_space(path)
-    run_search(space, base, say=lambda line: None)
+    run_search(space, base)
     (record,) = read_results(tmp_path, "ddp")
     assert record["status"] == "completed", record
     # 2 ranks x 16 per step: 96 frames give 3 steps (96 samples) per epoch, 4 epochs.
@@ -123,7 +124,7 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(ray_cluster, synth_
 
     killer = threading.Thread(target=kill_worker_after_two_reports, daemon=True)
     killer.start()
-    run_search(space, base, say=lambda line: None)
+    run_search(space, base)
     killer.join(timeout=5)
     assert killed, "no Ray Train worker was found to kill"
     (record,) = read_results(tmp_path, "kill")

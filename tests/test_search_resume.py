@@ -75,10 +75,10 @@ def test_sigkill_then_resume_skips_finished_trials(synth_small, tmp_path):
     assert len(after) == 3 and all(r["status"] in ("completed", "stopped_early") for r in after.values())
     for trial in finished:  # not re-run
         assert after[trial] == before[trial]
-        assert f"trial {trial} started" not in resumed.stdout
+        assert f"trial {trial} started" not in resumed.stderr  # progress lines go to stderr
     # The interrupted trial continued from its checkpoint: its first result after the resume
     # is past what it had reached, not a fresh first epoch.
-    first = next(line for line in resumed.stdout.splitlines() if f"trial {interrupted} " in line and "samples" in line)
+    first = next(line for line in resumed.stderr.splitlines() if f"trial {interrupted} " in line and "samples" in line)
     samples = int(first.split("samples")[0].split()[-1].replace(",", ""))
     assert samples > 96, first
     assert "3 trials in" in resumed.stdout

@@ -4,6 +4,7 @@ proxied by the server), queried through MlflowClient."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def test_search_logs_one_parent_and_one_child_per_trial(ray_cluster, server, syn
     assert len(prediction["translation"]) == 3 and len(prediction["quaternion"]) == 4
 
 
-def test_server_killed_mid_search_then_back(ray_cluster, server, synth_small, tmp_path, capsys):
+def test_server_killed_mid_search_then_back(ray_cluster, server, synth_small, tmp_path, capsys, caplog):
     space = tiny_space(
         tmp_path,
         synth_small,
@@ -163,12 +164,13 @@ def test_server_killed_mid_search_then_back(ray_cluster, server, synth_small, tm
 
     thread = threading.Thread(target=outage, daemon=True)
     thread.start()
+    caplog.set_level(logging.INFO, logger="posetune")
     assert cli.main(["search", str(space), f"tracking.tracking_uri={server.uri}"]) == 0
     thread.join(timeout=120)
-    out = capsys.readouterr().out
+    logged = " ".join(record.getMessage() for record in caplog.records)  # the CLI's stderr
     assert events == ["stopped", "restarted"]
-    assert "MLflow unavailable" in out and "MLflow reachable again; catching up" in out
-    assert "everything was logged" in out  # the summary is honest: it all caught up
+    assert "MLflow unavailable" in logged and "MLflow reachable again; catching up" in logged
+    assert "everything was logged" in capsys.readouterr().out  # the summary is honest: it all caught up
 
     records = {r["id"]: r for r in read_results(tmp_path, "outage")}
     client, _, children = runs_of(server.uri, "outage")
@@ -269,8 +271,8 @@ def test_tracking_uri_priority(monkeypatch, tmp_path):
         check_tracking_uri("file:///tmp/mlruns")
 
 
-def test_async_logger_retries_outages_and_reports_what_it_dropped():
-    said, calls = [], []
+def test_async_logger_retries_outages_and_reports_what_it_dropped(caplog):
+    calls = []
 
     def flaky():
         calls.append(1)
@@ -283,7 +285,8 @@ def test_async_logger_retries_outages_and_reports_what_it_dropped():
     def never():
         raise OSError("unreachable")
 
-    logger = AsyncLogger(said.append, max_backoff_s=0.05)
+    caplog.set_level(logging.INFO, logger="posetune")
+    logger = AsyncLogger(max_backoff_s=0.05)
     logger.submit("flaky call", flaky)
     logger.submit("rejected call", rejected)
     logger.submit("call during a long outage", never)
@@ -296,4 +299,4 @@ def test_async_logger_retries_outages_and_reports_what_it_dropped():
     assert failed[0] == "rejected call: INVALID_PARAMETER_VALUE: bad metric"  # not retried
     assert any(f.startswith("call during a long outage") for f in failed)
     assert any(f.startswith("queued behind it") for f in failed)
-    assert any("retrying in the background" in line for line in said)
+    assert any("retrying in the background" in record.getMessage() for record in caplog.records)

@@ -1,0 +1,286 @@
+"""A search's results: the trial events a search emits, one typed record per trial, ranking by
+the one "better" rule, results.json and the summary table.
+
+It sits beside search and tracking: the search emits ``TrialStarted`` / ``TrialReported`` /
+``TrialEnded`` (and ``SearchStarted`` / ``SearchEnded``) to listeners; ``SearchResults`` here
+and tracking's MLflow run are two such listeners. Nothing here imports Ray, torch or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from functools import cmp_to_key
+from typing import Any, Protocol
+
+from posetune import storage
+from posetune.choices import METRIC_NAMES, better
+from posetune.config import Config
+from posetune.errors import PosetuneError
+from posetune.tables import format_table
+
+log = logging.getLogger(__name__)
+
+# What a trial reports at each evaluation: the metrics plus training loss and throughput.
+REPORTED = (*METRIC_NAMES, "train_loss", "train_images_per_s")
+
+
+class Outcome(str, Enum):
+    """Where a trial (or a training run) stands or how it ended."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"  # trained its whole budget
+    STOPPED_EARLY = "stopped_early"  # stopped by ASHA
+    FAILED = "failed"  # an error
+    DIVERGED = "diverged"  # the loss became NaN or infinite
+    INTERRUPTED = "interrupted"  # Ctrl-C (training runs; an interrupted trial stays RUNNING)
+
+    @property
+    def run_status(self) -> str:
+        """MLflow's run status for this outcome."""
+        if self in (Outcome.FAILED, Outcome.DIVERGED):
+            return "FAILED"
+        return {Outcome.RUNNING: "RUNNING", Outcome.INTERRUPTED: "KILLED"}.get(self, "FINISHED")
+
+
+COUNTED = (Outcome.RUNNING, Outcome.COMPLETED, Outcome.STOPPED_EARLY, Outcome.FAILED, Outcome.DIVERGED)
+
+
+# --- Events -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchStarted:
+    """Every check has passed; the first trial is about to start."""
+
+    folder: str  # the experiment folder (local or gs://)
+    resume: bool
+
+
+@dataclass(frozen=True)
+class TrialStarted:
+    trial_id: str
+    params: dict[str, Any]  # the sampled values
+    config: Config  # the trial's whole resolved config
+
+
+@dataclass(frozen=True)
+class TrialReported:
+    trial_id: str
+    params: dict[str, Any]
+    samples_seen: int
+    metrics: dict[str, float]  # the names in REPORTED that the trial reported
+    checkpoint: str | None  # URI of the trial's checkpoint folder (last.pt, best.pt)
+
+
+@dataclass(frozen=True)
+class TrialEnded:
+    trial_id: str
+    params: dict[str, Any]
+    outcome: Outcome
+    samples_seen: int
+    error: str | None
+    checkpoint: str | None
+
+
+@dataclass
+class SearchSummary:
+    experiment_dir: str  # a local folder or a gs:// URI
+    records: list[TrialRecord]  # best first, then the ones without results
+    counts: dict[Outcome, int]
+    seconds: float
+    metric: str
+    mode: str
+    best_config: Config | None  # the best trial's config, ready for `posetune train`
+    best_config_file: str | None
+    best_checkpoint: str | None
+    interrupted: bool
+    cluster: str  # resources the search ran with
+    problems: list[str] = field(default_factory=list)  # exports that could not be made
+
+    @property
+    def best(self) -> TrialRecord | None:
+        return self.records[0] if self.records and self.records[0].best_metrics else None
+
+
+@dataclass(frozen=True)
+class SearchEnded:
+    summary: SearchSummary
+    study: Any  # the searcher's Optuna study (None when it saved none)
+
+
+TrialEvent = TrialStarted | TrialReported | TrialEnded
+SearchEvent = SearchStarted | TrialEvent | SearchEnded
+
+
+class Listener(Protocol):
+    """Receives a search's events in order, on the search's driver process."""
+
+    def on_event(self, event: SearchEvent) -> None: ...
+
+
+# --- Records ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    """One trial as results.json stores it."""
+
+    id: str
+    params: dict[str, Any]
+    status: Outcome = Outcome.RUNNING
+    metrics: dict[str, float] = field(default_factory=dict)  # at the latest evaluation
+    samples_seen: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)  # at its best evaluation (+ samples_seen)
+    checkpoint: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "status": self.status.value}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrialRecord:
+        return cls(**{**data, "status": Outcome(data["status"])})
+
+
+def rank(records: list[TrialRecord], metric: str, mode: str) -> list[TrialRecord]:
+    """Best first (by each trial's best evaluation); trials without a score last, in order."""
+
+    def order(a: TrialRecord, b: TrialRecord) -> int:
+        x, y = a.best_metrics[metric], b.best_metrics[metric]
+        return -1 if better(x, y, mode) else 1 if better(y, x, mode) else 0
+
+    scored = sorted((r for r in records if metric in r.best_metrics), key=cmp_to_key(order))
+    return scored + [r for r in records if metric not in r.best_metrics]
+
+
+def count(records: list[TrialRecord]) -> dict[Outcome, int]:
+    counts = dict.fromkeys(COUNTED, 0)
+    for record in records:
+        counts[record.status] = counts.get(record.status, 0) + 1
+    return counts
+
+
+# --- results.json: a listener -------------------------------------------------------------------
+
+
+class SearchResults:
+    """Keeps one record per trial, rewrites results.json atomically on every change and logs
+    one progress line per event."""
+
+    def __init__(self, path: str, metric: str, mode: str):
+        self.path, self.metric, self.mode = path, metric, mode
+        self.start = time.monotonic()
+        self.records: dict[str, TrialRecord] = {}  # a resumed search keeps what it already knew
+        if storage.exists(path):
+            for data in json.loads(storage.read_text(path))["trials"]:
+                self.records[data["id"]] = TrialRecord.from_json(data)
+
+    def on_event(self, event: SearchEvent) -> None:
+        if isinstance(event, (SearchStarted, SearchEnded)):
+            return
+        record = self.records.setdefault(event.trial_id, TrialRecord(event.trial_id, event.params))
+        if isinstance(event, TrialStarted):
+            record.status = Outcome.RUNNING
+            line = f"started  {format_params(event.params)}"
+        elif isinstance(event, TrialReported):
+            line = self._reported(record, event)
+        else:
+            record.status, record.samples_seen = event.outcome, max(record.samples_seen, event.samples_seen)
+            record.error = event.error if event.outcome in (Outcome.FAILED, Outcome.DIVERGED) else None
+            ending = f"failed: {event.error}" if event.outcome is Outcome.FAILED else event.outcome.value
+            line = f"{ending.replace('_', ' ')}  | {self._counts()}"
+        self.save()
+        log.info("%s trial %s %s", self._clock(), event.trial_id, line)
+
+    def _reported(self, record: TrialRecord, event: TrialReported) -> str:
+        metrics = {k: v for k, v in event.metrics.items() if k in METRIC_NAMES}
+        record.metrics, record.samples_seen = metrics, event.samples_seen
+        record.checkpoint = event.checkpoint or record.checkpoint
+        if better(metrics[self.metric], record.best_metrics.get(self.metric), self.mode):
+            record.best_metrics = {**metrics, "samples_seen": event.samples_seen}
+        best = self.best()
+        line = f"{event.samples_seen:>9,} samples  {self.metric} {metrics[self.metric]:.4g}  | {self._counts()}"
+        return line + (f" | best {best.best_metrics[self.metric]:.4g} (trial {best.id})" if best else "")
+
+    def ranked(self) -> list[TrialRecord]:
+        return rank(list(self.records.values()), self.metric, self.mode)
+
+    def best(self) -> TrialRecord | None:
+        ranked = self.ranked()
+        return ranked[0] if ranked and ranked[0].best_metrics else None
+
+    def counts(self) -> dict[Outcome, int]:
+        return count(list(self.records.values()))
+
+    def save(self) -> None:
+        trials = [record.to_json() for record in self.records.values()]
+        storage.write_text(self.path, json.dumps({"trials": trials}, indent=2) + "\n")
+
+    def _counts(self) -> str:
+        return ", ".join(f"{outcome.value.replace('_', ' ')} {n}" for outcome, n in self.counts().items())
+
+    def _clock(self) -> str:
+        seconds = int(time.monotonic() - self.start)
+        return f"[{seconds // 60:3d}:{seconds % 60:02d}]"
+
+
+def load_results(folder: str) -> tuple[list[TrialRecord], str, str]:
+    """(records in the order they started, metric, mode) of a stored search (local or gs://)."""
+    path = storage.join(folder, "results.json")
+    if not storage.exists(path):
+        raise PosetuneError(f"no search results at {folder} (check the name and storage.path=...)")
+    about = json.loads(storage.read_text(storage.join(folder, "search.json")))
+    records = [TrialRecord.from_json(data) for data in json.loads(storage.read_text(path))["trials"]]
+    return records, about["metric"], about["mode"]
+
+
+# --- Tables -------------------------------------------------------------------------------------
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """optimizer.lr=0.00148 -> lr=0.00148 (the section is rarely needed to recognise a knob)."""
+    short = {k: k.rsplit(".", 1)[-1] for k in params}
+    if len(set(short.values())) < len(short):
+        short = {k: k for k in params}
+    return " ".join(f"{short[k]}={v:.3g}" if isinstance(v, float) else f"{short[k]}={v}" for k, v in params.items())
+
+
+def results_table(records: list[TrialRecord], metric: str) -> list[str]:
+    rows = [
+        [
+            r.id,
+            r.status.value,
+            f"{r.samples_seen:,}",
+            r.best_metrics.get(metric),
+            r.best_metrics.get("translation_error_cm"),
+            r.best_metrics.get("orientation_error_deg"),
+            format_params(r.params),
+        ]
+        for r in records
+    ]
+    return format_table(rows, ["trial", "status", "samples", metric, "cm", "deg", "parameters"])
+
+
+def summary_lines(summary: SearchSummary, top: int = 10) -> list[str]:
+    """The final table: best trials first with parameters and metrics, counts, wall time."""
+    c = summary.counts
+    lines = [
+        f"{len(summary.records)} trials in {summary.seconds / 60:.1f} min: {c[Outcome.COMPLETED]} completed, "
+        f"{c[Outcome.STOPPED_EARLY]} stopped early by ASHA, {c[Outcome.FAILED]} failed, "
+        f"{c[Outcome.DIVERGED]} diverged" + (f", {c[Outcome.RUNNING]} unfinished" if c[Outcome.RUNNING] else ""),
+        "",
+    ]
+    lines += results_table(summary.records[:top], summary.metric)
+    lines += [f"error: {problem}" for problem in summary.problems]
+    if summary.best_config_file:
+        lines += [
+            "",
+            f"best config:     {summary.best_config_file}",
+            f"best checkpoint: {summary.best_checkpoint}",
+        ]
+    lines.append(f"results:         {storage.join(summary.experiment_dir, 'results.json')}")
+    return lines
