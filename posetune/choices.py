@@ -25,6 +25,7 @@ BACKBONES = (
 )
 ORIENTATION_LOSSES = ("geodesic", "mse", "sign_invariant")
 SCHEDULES = ("constant", "cosine", "linear")
+SEARCHERS = ("random", "tpe")  # Optuna samplers (posetune.searchers.SAMPLERS)
 METRIC_NAMES = (
     "translation_mse",
     "translation_error_cm",

@@ -148,8 +148,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from posetune.placement import local_shape
     from posetune.results import summary_lines
-    from posetune.search import describe_plan, experiment_dir, local_shape, plan_resources, run_search
+    from posetune.search import describe_plan, experiment_dir, plan_resources, run_search
     from posetune.space import load_space, space_params
 
     space, base = load_space(args.space, args.overrides, args.name)

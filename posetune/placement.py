@@ -3,9 +3,9 @@ driver goes.
 
 A trial is one driver (Tune's function plus the Ray Train controller: it only waits) and
 ``workers_per_trial`` worker bundles of ``{CPU: c, GPU: g}``. Ray places each bundle on one
-node, so the plan packs bundles onto *nodes*, never onto cluster totals: two nodes with 4 CPUs
-each hold two 3-CPU workers, not the two 4-CPU... nor 6-CPU ones the totals allow. With an autoscaler the
-plan packs onto the largest cluster it may grow to (every node type at its ``max_workers``);
+node, so the plan packs bundles onto *nodes*, never onto cluster totals: three 4-CPU nodes hold
+three 3-CPU workers (one each), not the four that 12 CPUs suggest. With an autoscaler the plan
+packs onto the largest cluster it may grow to (every node type at its ``max_workers``);
 trials beyond what is up now wait for the autoscaler to start nodes instead of failing.
 
 Trial drivers ask for the custom resource ``posetune_driver`` when any node offers it: a
@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
+from typing import Any
 
+from posetune import internals, storage
 from posetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -190,8 +193,6 @@ def autoscaler_nodes() -> list[Node] | None:
     """Every node the autoscaler may run (each node type at its max count), or None without
     one. Read from the cluster config the autoscaler publishes in Ray's GCS (a private API,
     behind posetune.internals)."""
-    from posetune import internals
-
     config = internals.autoscaler_cluster_config()
     if config is None or not config.node_group_configs:
         return None
@@ -201,3 +202,77 @@ def autoscaler_nodes() -> list[Node] | None:
         count = group.max_count if group.max_count >= 0 else 1000  # -1: unlimited
         nodes += [Node(resources, group.name)] * count
     return nodes
+
+
+# --- This machine and the cluster ---------------------------------------------------------------
+
+
+def local_shape() -> ClusterShape:
+    """This machine as a one-node cluster (what a local Ray instance would have)."""
+    import torch
+
+    cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    return ClusterShape([Node({"CPU": cpus, "GPU": gpus, HEAD_RESOURCE: 1.0}, "local")])
+
+
+SHARED_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p"}
+
+
+def on_shared_filesystem(path: str) -> bool:
+    """Whether a local path lies on a network filesystem (NFS, Lustre, a FUSE bucket mount, ...)
+    that other nodes can mount too, judged from this node's /proc/mounts."""
+    target, best, fstype = os.path.realpath(path), "", ""
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                inside = len(fields) > 2 and (target == fields[1] or target.startswith(fields[1].rstrip("/") + "/"))
+                if inside and len(fields[1]) > len(best):
+                    best, fstype = fields[1], fields[2]
+    except OSError:
+        return False
+    return fstype in SHARED_FILESYSTEMS or fstype.startswith("fuse.")
+
+
+def check_storage_reachable(folder: str, setting: str, shared: bool, cluster: ClusterShape) -> None:
+    """On more than one node every worker writes checkpoints to storage.path (``setting``): a
+    head-local folder would scatter them over the workers' disks."""
+    if not cluster.multi_node or not storage.is_local(folder) or shared:
+        return
+    if on_shared_filesystem(folder):
+        return
+    raise ConfigError(
+        f"storage.path = {setting!r} is a local folder, but this cluster has more than one node "
+        f"({cluster.describe()}) and workers on other nodes cannot write their checkpoints there: "
+        "use a bucket (storage.path=gs://BUCKET/searches) or a filesystem every node mounts "
+        "(then set storage.shared=true)"
+    )
+
+
+def connect_ray(num_cpus: int | None = None) -> bool:
+    """Use a running cluster (RAY_ADDRESS, or one on this node such as a `ray up` head);
+    otherwise start a local instance. Returns True when this process started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    hook: dict[str, Any] = {"worker_process_setup_hook": "posetune.worker_logging.quiet_ray_internals"}
+    if os.environ.get("STORAGE_EMULATOR_HOST"):  # a GCS emulator reaches every worker too
+        hook["env_vars"] = {"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=hook, **quiet)
+        return False
+    if internals.local_cluster_running():
+        ray.init(address="auto", runtime_env=hook, **quiet)
+        return False
+    # The dashboard process stays: Ray's state API behind it frees the workers of trials
+    # that ASHA stops; without it they leak and later trials wait forever. Nothing is
+    # preempted on a local instance, so Ray Train's preemption watcher (noisy) is off.
+    no_preemption = {**hook, "env_vars": {**hook.get("env_vars", {}), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+    # Every Ray process wakes up to collect metrics; on a small machine that competes with
+    # training (measured ~5% of a 2-core box). Local instances skip it unless the user asks.
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=no_preemption, **quiet)
+    return True

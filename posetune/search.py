@@ -1,10 +1,8 @@
 """`posetune search`: Ray Tune over trials that each fit a Ray Train TorchTrainer.
 
-Searcher: Optuna (TPE, or random for comparison) through Ray's OptunaSearch, with a
-define-by-run space (conditional parameters). Scheduler: ASHA on *training samples seen*, so
-trials with different batch sizes are stopped at equal compute. A trial that ASHA stops is
-told to Optuna as PRUNED (see ``BudgetAwareOptunaSearch``), never as a finished trial with an
-under-trained score.
+The search checks its folder, data and cluster, plans resources (posetune.placement), runs
+Tune with the searcher and scheduler of posetune.searchers, turns Tune's trial callbacks into
+plain trial events for its listeners (results.json, tracking) and exports the best trial.
 
 Experiment folder ``<storage.path>/<storage.name>/``:
     tune/                   Ray Tune's experiment state and trial folders
@@ -21,15 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from optuna.trial import TrialState
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 from posetune import internals, placement, storage
 from posetune.config import Config
@@ -50,7 +45,8 @@ from posetune.results import (
     TrialStarted,
     summary_lines,
 )
-from posetune.space import EFFECTIVE_BATCH, DefineByRun, SearchSpace, describe_parameter
+from posetune.searchers import build_scheduler, build_searcher
+from posetune.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter
 from posetune.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
 
 log = logging.getLogger(__name__)
@@ -73,149 +69,6 @@ def plan_resources(space: SearchSpace, cluster: ClusterShape) -> ResourcePlan:
         num_samples=s.num_samples,
         max_concurrent_trials=s.max_concurrent_trials,
         cluster=cluster,
-    )
-
-
-def local_shape() -> ClusterShape:
-    """This machine as a one-node cluster (what a local Ray instance would have)."""
-    import torch
-
-    cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
-    return ClusterShape([placement.Node({"CPU": cpus, "GPU": gpus, placement.HEAD_RESOURCE: 1.0}, "local")])
-
-
-SHARED_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p"}
-
-
-def on_shared_filesystem(path: str) -> bool:
-    """Whether a local path lies on a network filesystem (NFS, Lustre, a FUSE bucket mount, ...)
-    that other nodes can mount too, judged from this node's /proc/mounts."""
-    target, best, fstype = os.path.realpath(path), "", ""
-    try:
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                fields = line.split()
-                inside = len(fields) > 2 and (target == fields[1] or target.startswith(fields[1].rstrip("/") + "/"))
-                if inside and len(fields[1]) > len(best):
-                    best, fstype = fields[1], fields[2]
-    except OSError:
-        return False
-    return fstype in SHARED_FILESYSTEMS or fstype.startswith("fuse.")
-
-
-def check_storage_reachable(space: SearchSpace, folder: str, cluster: ClusterShape) -> None:
-    """On more than one node every worker writes checkpoints to storage.path: a head-local
-    folder would scatter them over the workers' disks."""
-    if not cluster.multi_node or not storage.is_local(folder) or space.storage.shared:
-        return
-    if on_shared_filesystem(folder):
-        return
-    raise ConfigError(
-        f"storage.path = {space.storage.path!r} is a local folder, but this cluster has more than one node "
-        f"({cluster.describe()}) and workers on other nodes cannot write their checkpoints there: "
-        "use a bucket (storage.path=gs://BUCKET/searches) or a filesystem every node mounts "
-        "(then set storage.shared=true)"
-    )
-
-
-def connect_ray(num_cpus: int | None = None) -> bool:
-    """Use a running cluster (RAY_ADDRESS, or one on this node such as a `ray up` head);
-    otherwise start a local instance. Returns True when this process started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-    hook: dict[str, Any] = {"worker_process_setup_hook": "posetune.worker_logging.quiet_ray_internals"}
-    if os.environ.get("STORAGE_EMULATOR_HOST"):  # a GCS emulator reaches every worker too
-        hook["env_vars"] = {"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=hook, **quiet)
-        return False
-    if internals.local_cluster_running():
-        ray.init(address="auto", runtime_env=hook, **quiet)
-        return False
-    # The dashboard process stays: Ray's state API behind it frees the workers of trials
-    # that ASHA stops; without it they leak and later trials wait forever. Nothing is
-    # preempted on a local instance, so Ray Train's preemption watcher (noisy) is off.
-    no_preemption = {**hook, "env_vars": {**hook.get("env_vars", {}), "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
-    # Every Ray process wakes up to collect metrics; on a small machine that competes with
-    # training (measured ~5% of a 2-core box). Local instances skip it unless the user asks.
-    os.environ.setdefault("RAY_enable_metrics_collection", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=no_preemption, **quiet)
-    return True
-
-
-# --- Searcher -----------------------------------------------------------------------------------
-
-
-class BudgetAwareOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch, made to match an ASHA budget in samples seen.
-
-    - Intermediate values are reported at step = samples seen: Tune's training_iteration
-      restarts at 1 after a resume and means different compute for different batch sizes.
-    - A trial that ends before the budget (stopped by ASHA) or diverged is told as PRUNED.
-      Ray tells it COMPLETE with its partial score, so TPE would learn from under-trained
-      values as if they were final; Optuna's TPE ranks pruned trials below complete ones,
-      by how far they got and then by their last value.
-    """
-
-    def __init__(self, *args, budget: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._budget = budget
-        self._reported: dict[str, set[int]] = {}  # steps already reported, per trial
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in internals.searcher_told(self):
-            self._report(trial_id, result)
-
-    def _report(self, trial_id: str, result: dict) -> None:
-        step = result.get("samples_seen")
-        if result.get("diverged") or step is None or self.metric not in result:
-            return
-        if step not in self._reported.setdefault(trial_id, set()):
-            self._reported[trial_id].add(step)
-            internals.searcher_trial(self, trial_id).report(result[self.metric], step)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        partial = result and (result.get("diverged") or result.get("samples_seen", 0) < self._budget)
-        if error or not partial or trial_id in internals.searcher_told(self):
-            super().on_trial_complete(trial_id, result, error)
-            return
-        # The result ASHA stopped the trial on arrives here, not through on_trial_result.
-        self._report(trial_id, result)
-        internals.searcher_study(self).tell(internals.searcher_trial(self, trial_id), state=TrialState.PRUNED)
-        internals.searcher_told(self).add(trial_id)
-
-
-def build_searcher(space: SearchSpace):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    s = space.search
-    sampler = (
-        optuna.samplers.TPESampler(seed=s.seed) if s.searcher == "tpe" else optuna.samplers.RandomSampler(seed=s.seed)
-    )
-    return BudgetAwareOptunaSearch(
-        space=DefineByRun(space),
-        metric=s.metric,
-        mode=s.resolved_mode,
-        sampler=sampler,
-        points_to_evaluate=[dict(point) for point in s.points_to_evaluate] or None,
-        budget=s.asha.max_samples,
-    )
-
-
-def build_scheduler(space: SearchSpace):
-    from ray.tune.schedulers import ASHAScheduler
-
-    asha = space.search.asha
-    return ASHAScheduler(
-        time_attr="samples_seen",
-        max_t=asha.max_samples,
-        grace_period=asha.grace_samples,
-        reduction_factor=asha.reduction_factor,
     )
 
 
@@ -388,10 +241,10 @@ def run_search(
     _check_experiment_folder(folder, space, fingerprint, resume)
     train_size = ensure_dataset(space, base)
 
-    started_ray = connect_ray(space.resources.local_cpus)
+    started_ray = placement.connect_ray(space.resources.local_cpus)
     try:
         cluster = placement.cluster_shape()
-        check_storage_reachable(space, folder, cluster)
+        placement.check_storage_reachable(folder, space.storage.path, space.storage.shared, cluster)
         plan = plan_resources(space, cluster)
         for line in describe_plan(space, base, plan):
             log.info(line)

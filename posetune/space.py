@@ -22,10 +22,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from posetune import storage
-from posetune.choices import METRIC_NAMES, did_you_mean, metric_mode
+from posetune.choices import METRIC_NAMES, SEARCHERS, check_choice, did_you_mean, metric_mode
 from posetune.config import (
     Config,
     TrackingConfig,
@@ -93,9 +93,14 @@ class SearchSettings(_Strict):
     num_samples: int = Field(8, gt=0)
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster fits
     seed: int = 0
-    searcher: Literal["tpe", "random"] = "tpe"
+    searcher: str = "tpe"
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     asha: Asha
+
+    @field_validator("searcher")
+    @classmethod
+    def _check_searcher(cls, value: str) -> str:
+        return check_choice(value, SEARCHERS)
 
     @property
     def resolved_mode(self) -> str:
@@ -195,7 +200,8 @@ def _pydantic_problems(exc: ValidationError, raw: Mapping[str, Any]) -> list[str
         elif error["type"] == "missing":
             problems.append(f"{key}: required")
         else:
-            problems.append(f"{key} = {error.get('input')!r}: {error['msg'][0].lower()}{error['msg'][1:]}")
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{key} = {error.get('input')!r}: {message[0].lower()}{message[1:]}")
     return problems
 
 

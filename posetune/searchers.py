@@ -1,0 +1,89 @@
+"""The searcher and the scheduler of a search.
+
+Searcher: an Optuna sampler (TPE, or random for comparison) through Ray's OptunaSearch, with
+a define-by-run space (conditional parameters). Scheduler: ASHA on *training samples seen*, so
+trials with different batch sizes are stopped at equal compute. A trial that ASHA stops is
+told to Optuna as PRUNED (``BudgetAwareOptunaSearch``), never as a finished trial with an
+under-trained score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from posetune import internals
+from posetune.space import DefineByRun, SearchSpace
+
+# search.searcher: the Optuna sampler, made from the search's seed. Its names are
+# posetune.choices.SEARCHERS (a test keeps the two equal).
+SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+}
+
+
+class BudgetAwareOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, made to match an ASHA budget in samples seen.
+
+    - Intermediate values are reported at step = samples seen: Tune's training_iteration
+      restarts at 1 after a resume and means different compute for different batch sizes.
+    - A trial that ends before the budget (stopped by ASHA) or diverged is told as PRUNED.
+      Ray tells it COMPLETE with its partial score, so TPE would learn from under-trained
+      values as if they were final; Optuna's TPE ranks pruned trials below complete ones,
+      by how far they got and then by their last value.
+    """
+
+    def __init__(self, *args, budget: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._budget = budget
+        self._reported: dict[str, set[int]] = {}  # steps already reported, per trial
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in internals.searcher_told(self):
+            self._report(trial_id, result)
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        step = result.get("samples_seen")
+        if result.get("diverged") or step is None or self.metric not in result:
+            return
+        if step not in self._reported.setdefault(trial_id, set()):
+            self._reported[trial_id].add(step)
+            internals.searcher_trial(self, trial_id).report(result[self.metric], step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        partial = result and (result.get("diverged") or result.get("samples_seen", 0) < self._budget)
+        if error or not partial or trial_id in internals.searcher_told(self):
+            super().on_trial_complete(trial_id, result, error)
+            return
+        # The result ASHA stopped the trial on arrives here, not through on_trial_result.
+        self._report(trial_id, result)
+        internals.searcher_study(self).tell(internals.searcher_trial(self, trial_id), state=TrialState.PRUNED)
+        internals.searcher_told(self).add(trial_id)
+
+
+def build_searcher(space: SearchSpace) -> BudgetAwareOptunaSearch:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = space.search
+    return BudgetAwareOptunaSearch(
+        space=DefineByRun(space),
+        metric=s.metric,
+        mode=s.resolved_mode,
+        sampler=SAMPLERS[s.searcher](s.seed),
+        points_to_evaluate=[dict(point) for point in s.points_to_evaluate] or None,
+        budget=s.asha.max_samples,
+    )
+
+
+def build_scheduler(space: SearchSpace) -> ASHAScheduler:
+    asha = space.search.asha
+    return ASHAScheduler(
+        time_attr="samples_seen",
+        max_t=asha.max_samples,
+        grace_period=asha.grace_samples,
+        reduction_factor=asha.reduction_factor,
+    )
