@@ -99,7 +99,8 @@ def test_search_in_a_bucket_across_two_nodes(two_nodes, gcs, bucket, synth_small
 
     # Where things ran: every trial driver on the head, every Train worker on the second node.
     actors = list_actors(detail=True, limit=10000)
-    drivers = [a for a in actors if a.class_name == "ImplicitFunc"]
+    # Tune's function actor: reported as ImplicitFunc or wrap_function.<locals>.ImplicitFunc
+    drivers = [a for a in actors if a.class_name.endswith("ImplicitFunc")]
     workers = [a for a in actors if a.class_name == "RayTrainWorker"]
     assert len(drivers) == 2 and {a.node_id for a in drivers} == {head}
     assert len(workers) == 2 and {a.node_id for a in workers} == {worker}
