@@ -235,6 +235,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0 if terminated else code
 
 
+def cmd_cluster_check(args: argparse.Namespace) -> int:
+    from posetune.clusterfiles import check_cluster_file
+
+    what = check_cluster_file(args.file)
+    print(f"{args.file}: ok ({what})")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from posetune.config import config_keys, load_config
 
@@ -381,6 +389,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     ui.set_defaults(func=cmd_ui)
+
+    cluster = commands.add_parser("cluster", help="cluster files (check)")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    cluster_check = cluster_commands.add_parser(
+        "check",
+        help="check a cluster file offline",
+        description="Check a Ray cluster-launcher file (cluster/gcp.yaml) with Ray's own validation plus what "
+        "its schema skips (GPU node types, service-account scopes, a preemptible head, VM image pinning, the "
+        "image's Ray version, public bindings, placeholders), or a KubeRay RayJob (cluster/kuberay.yaml) against "
+        "the RayJob v1 schema plus the operator's rules. Nothing is contacted; exit code 2 lists every problem.",
+    )
+    cluster_check.add_argument(
+        "file", nargs="?", default="cluster/gcp.yaml", metavar="FILE", help="default: cluster/gcp.yaml"
+    )
+    cluster_check.set_defaults(func=cmd_cluster_check)
 
     config = commands.add_parser(
         "config",

@@ -54,3 +54,18 @@ def autoscaler_cluster_config():
     from ray._private.state import state
 
     return state.get_cluster_config()
+
+
+def validated_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A cluster-launcher file as `ray up` sees it: filled with the provider's defaults, then
+    checked against Ray's schema (raises jsonschema's ValidationError or ValueError). Offline:
+    no cloud is contacted."""
+    import copy
+    import logging
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)  # its INFO notes
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared

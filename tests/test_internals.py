@@ -59,3 +59,22 @@ def test_a_restored_tuner_exposes_the_run_config_it_will_run_with(tmp_path):
     assert [c.listeners for c in run_config.callbacks] == [[]]  # Tune restores callbacks from its pickle
     run_config.callbacks = [callback]
     assert internals.restored_run_config(restored).callbacks == [callback]
+
+
+def test_rays_offline_cluster_file_validation_still_exists():
+    import jsonschema
+
+    minimal = {
+        "cluster_name": "x",
+        "provider": {"type": "gcp", "region": "us-central1", "availability_zone": "us-central1-a", "project_id": "p"},
+        "available_node_types": {"head": {"resources": {"CPU": 1}, "node_config": {}}},
+        "head_node_type": "head",
+    }
+    prepared = internals.validated_cluster_config(minimal)
+    assert prepared["available_node_types"]["head"]["max_workers"] == 0  # filled in by prepare_config
+    try:
+        internals.validated_cluster_config({**minimal, "max_worker": 1})
+    except jsonschema.ValidationError as exc:
+        assert "max_worker" in exc.message
+    else:
+        raise AssertionError("ray.autoscaler._private.util.validate_config no longer rejects unknown keys")
