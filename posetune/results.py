@@ -84,6 +84,7 @@ class TrialEnded:
     samples_seen: int
     error: str | None
     checkpoint: str | None
+    resource_hours: dict[str, float]  # what its workers held since it (re)started: {"GPU": h, "CPU": h}
 
 
 @dataclass
@@ -99,6 +100,7 @@ class SearchSummary:
     best_checkpoint: str | None
     interrupted: bool
     cluster: str  # resources the search ran with
+    compute: Compute
     problems: list[str] = field(default_factory=list)  # exports that could not be made
 
     @property
@@ -137,6 +139,7 @@ class TrialRecord:
     best_metrics: dict[str, float] = field(default_factory=dict)  # at its best evaluation (+ samples_seen)
     checkpoint: str | None = None
     error: str | None = None
+    resource_hours: dict[str, float] = field(default_factory=dict)  # its workers' GPU-/CPU-hours
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "status": self.status.value}
@@ -157,6 +160,32 @@ def rank(records: list[TrialRecord], metric: str, mode: str) -> list[TrialRecord
     return scored + [r for r in records if metric not in r.best_metrics]
 
 
+@dataclass(frozen=True)
+class Compute:
+    """What a search's trial workers held: GPU- and CPU-hours, and their cost when prices are
+    known (resources.prices)."""
+
+    resource_hours: dict[str, float]
+    cost: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"resource_hours": self.resource_hours, "cost": self.cost}
+
+    def describe(self) -> str:
+        hours = ", ".join(f"{h:.3g} {name}-hours" for name, h in sorted(self.resource_hours.items(), reverse=True))
+        cost = f"; cost {self.cost:.2f} at resources.prices" if self.cost is not None else ""
+        return f"{hours or 'nothing'} held by trial workers{cost}"
+
+
+def compute(records: list[TrialRecord], prices: dict[str, float]) -> Compute:
+    hours: dict[str, float] = {}
+    for record in records:
+        for name, h in record.resource_hours.items():
+            hours[name] = hours.get(name, 0.0) + h
+    cost = sum(prices.get(name, 0.0) * h for name, h in hours.items()) if prices else None
+    return Compute(hours, cost)
+
+
 def count(records: list[TrialRecord]) -> dict[Outcome, int]:
     counts = dict.fromkeys(COUNTED, 0)
     for record in records:
@@ -171,8 +200,8 @@ class SearchResults:
     """Keeps one record per trial, rewrites results.json atomically on every change and logs
     one progress line per event."""
 
-    def __init__(self, path: str, metric: str, mode: str):
-        self.path, self.metric, self.mode = path, metric, mode
+    def __init__(self, path: str, metric: str, mode: str, prices: dict[str, float]):
+        self.path, self.metric, self.mode, self.prices = path, metric, mode, prices
         self.start = time.monotonic()
         self.records: dict[str, TrialRecord] = {}  # a resumed search keeps what it already knew
         if storage.exists(path):
@@ -190,6 +219,8 @@ class SearchResults:
             line = self._reported(record, event)
         else:
             record.status, record.samples_seen = event.outcome, max(record.samples_seen, event.samples_seen)
+            for name, hours in event.resource_hours.items():
+                record.resource_hours[name] = record.resource_hours.get(name, 0.0) + hours
             record.error = event.error if event.outcome in (Outcome.FAILED, Outcome.DIVERGED) else None
             ending = f"failed: {event.error}" if event.outcome is Outcome.FAILED else event.outcome.value
             line = f"{ending.replace('_', ' ')}  | {self._counts()}"
@@ -216,9 +247,13 @@ class SearchResults:
     def counts(self) -> dict[Outcome, int]:
         return count(list(self.records.values()))
 
+    def compute(self) -> Compute:
+        return compute(list(self.records.values()), self.prices)
+
     def save(self) -> None:
         trials = [record.to_json() for record in self.records.values()]
-        storage.write_text(self.path, json.dumps({"trials": trials}, indent=2) + "\n")
+        about = {"trials": trials, "compute": self.compute().to_json()}
+        storage.write_text(self.path, json.dumps(about, indent=2) + "\n")
 
     def _counts(self) -> str:
         return ", ".join(f"{outcome.value.replace('_', ' ')} {n}" for outcome, n in self.counts().items())
@@ -275,6 +310,7 @@ def summary_lines(summary: SearchSummary, top: int = 10) -> list[str]:
         "",
     ]
     lines += results_table(summary.records[:top], summary.metric)
+    lines += ["", f"compute:         {summary.compute.describe()}"]
     lines += [f"error: {problem}" for problem in summary.problems]
     if summary.best_config_file:
         lines += [

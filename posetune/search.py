@@ -89,6 +89,7 @@ class TrialEvents(tune.Callback):
     def __init__(self, listeners: Sequence[Listener], setup: TrialSetup, folder: str):
         # Not `self.setup`: that is a Tune callback method.
         self.listeners, self.trial_setup, self.folder = list(listeners), setup, folder
+        self.started: dict[str, float] = {}  # trial id -> when it (re)started, for its resource-hours
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into the experiment; listeners hold files, threads and
@@ -100,6 +101,7 @@ class TrialEvents(tune.Callback):
             listener.on_event(event)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.monotonic()
         params = dict(trial.config)
         self.emit(TrialStarted(trial.trial_id, params, build_trial_config(self.trial_setup, params)))
 
@@ -122,7 +124,18 @@ class TrialEvents(tune.Callback):
     def _ended(self, trial, outcome: Outcome, error: str | None) -> None:
         result = trial.last_result or {}
         samples = int(result.get("samples_seen", 0))
-        self.emit(TrialEnded(trial.trial_id, dict(trial.config), outcome, samples, error, self._checkpoint(result)))
+        checkpoint = self._checkpoint(result)
+        hours = self._resource_hours(trial.trial_id)
+        self.emit(TrialEnded(trial.trial_id, dict(trial.config), outcome, samples, error, checkpoint, hours))
+
+    def _resource_hours(self, trial_id: str) -> dict[str, float]:
+        """Its workers' bundles times the wall time since the trial (re)started."""
+        started = self.started.pop(trial_id, None)
+        if started is None:
+            return {}
+        hours = (time.monotonic() - started) / 3600
+        workers = self.trial_setup.space.resources.workers_per_trial
+        return {name: amount * workers * hours for name, amount in self.trial_setup.plan.worker.items() if amount}
 
     def _checkpoint(self, result: dict[str, Any]) -> str | None:
         """Ray's checkpoint path (bucket-relative on gs://) as a URI."""
@@ -198,7 +211,12 @@ def _generate_synthetic(root: str, splits: dict[str, int], seed: int) -> None:
 
 def _fingerprint(space: SearchSpace, base: Config) -> str:
     blob = json.dumps(
-        {"space": space.model_dump(mode="json", exclude={"storage"}), "base": base.to_dict()}, sort_keys=True
+        {
+            # Where results go and what compute costs may change between runs of one search.
+            "space": space.model_dump(mode="json", exclude={"storage": True, "resources": {"prices"}}),
+            "base": base.to_dict(),
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -220,6 +238,8 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
         f"per trial: {r.workers_per_trial} worker(s) x {r.cpus_per_worker:g} CPU"
         + (f" x {plan.gpus_per_worker:g} GPU" if plan and plan.use_gpu else ""),
     ]
+    if r.prices:
+        lines.append("prices per resource-hour: " + ", ".join(f"{k} {v:g}" for k, v in sorted(r.prices.items())))
     if plan:
         lines.append(f"cluster: {plan.cluster} -> {plan.concurrency} concurrent trial(s)")
         lines += [f"  note: {note}" for note in plan.notes]
@@ -249,7 +269,8 @@ def run_search(
         for line in describe_plan(space, base, plan):
             log.info(line)
         setup = TrialSetup(space, base.to_dict(), train_size, plan, storage.join(folder, "train"))
-        results = SearchResults(storage.join(folder, "results.json"), space.search.metric, space.search.resolved_mode)
+        s = space.search
+        results = SearchResults(storage.join(folder, "results.json"), s.metric, s.resolved_mode, space.resources.prices)
         events = TrialEvents([results, *listeners], setup, folder)
         events.emit(SearchStarted(folder, resume))
         about = {"fingerprint": fingerprint, "metric": space.search.metric, "mode": space.search.resolved_mode}
@@ -370,6 +391,7 @@ def _finish(
         best_checkpoint=best_checkpoint,
         interrupted=interrupted,
         cluster=cluster,
+        compute=results.compute(),
         problems=problems,
     )
     storage.write_text(storage.join(folder, "summary.txt"), "\n".join(summary_lines(summary)) + "\n")

@@ -112,6 +112,9 @@ class Resources(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float | Literal["auto"] = "auto"  # auto: 1 when the cluster has GPUs
     local_cpus: int | None = Field(None, gt=0)  # CPUs of a Ray instance posetune starts itself; None = all
+    # Price of one resource-hour ({GPU: 0.85, CPU: 0.035}, in your currency): the summary,
+    # results.json and MLflow then report what the trials' workers cost, not only how long.
+    prices: dict[Literal["CPU", "GPU"], float] = Field(default_factory=dict)
 
 
 class Storage(_Strict):

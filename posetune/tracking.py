@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -211,14 +211,15 @@ def _transient(exc: Exception) -> bool:
     )
 
 
-def _metrics_batch(metrics: dict[str, Any], step: int):
+def _metrics_batch(metrics: dict[str, Any], step: int, keys: Iterable[str] = REPORTED):
+    """The finite numbers among `metrics` whose names are in `keys`, as MLflow metrics."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now, keys = int(time.time() * 1000), set(keys)
     return [
         Metric(key, float(value), now, step)
         for key, value in metrics.items()
-        if key in REPORTED and isinstance(value, (int, float)) and math.isfinite(value)
+        if key in keys and isinstance(value, (int, float)) and math.isfinite(value)
     ]
 
 
@@ -370,9 +371,13 @@ class SearchRun:
         }
         tags = {**counts, "posetune.best_trial": best.id if best else "none", "posetune.cluster": summary.cluster}
 
+        spent = {f"{name.lower()}_hours": h for name, h in summary.compute.resource_hours.items()}
+        if summary.compute.cost is not None:
+            spent["cost"] = summary.compute.cost
+
         def outcome() -> None:
             metrics = _metrics_batch(best.best_metrics, 0) if best else []
-            client.log_batch(parent, metrics=metrics, tags=_tag_list(tags))
+            client.log_batch(parent, metrics=metrics + _metrics_batch(spent, 0, spent), tags=_tag_list(tags))
             for name in ("results.json", "summary.txt"):
                 with storage.local_copy(storage.join(summary.experiment_dir, name)) as local:
                     client.log_artifact(parent, str(local))

@@ -58,7 +58,7 @@ def trained(tmp_path_factory):
 def test_help_lists_every_command():
     proc = posetune("--help")
     assert proc.returncode == 0
-    for command in ["train", "evaluate", "predict", "data", "search", "results", "ui", "config"]:
+    for command in ["train", "evaluate", "predict", "data", "search", "results", "ui", "config", "cluster"]:
         assert command in proc.stdout
     assert posetune("train", "--help").returncode == 0
 

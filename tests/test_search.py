@@ -31,7 +31,7 @@ def test_connects_to_the_running_cluster(ray_cluster):
 
 
 def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys, caplog):
-    space, base = load_space(tiny_space(tmp_path, synth_small))
+    space, base = load_space(tiny_space(tmp_path, synth_small, resources__prices={"CPU": 0.05}))
     with caplog.at_level(logging.INFO, logger="posetune"):
         summary = run_search(space, base)
     lines = [record.getMessage() for record in caplog.records]  # progress goes through logging
@@ -45,6 +45,15 @@ def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys, caplog):
         assert r["samples_seen"] >= 96 and "pose_error" in r["metrics"] and "orientation_error_deg" in r["metrics"]
         assert (r["status"] == "completed") == (r["samples_seen"] >= 384)
     assert any("stopped early" in line for line in lines) and any("best " in line for line in lines)
+
+    # What the trials' workers held: 0.95 CPU each while they ran, one at a time, so never more
+    # than the search's wall time; the cost is those hours at resources.prices.
+    cpu_hours = [r["resource_hours"]["CPU"] for r in records]
+    assert all(h > 0 for h in cpu_hours) and "GPU" not in summary.compute.resource_hours
+    assert summary.compute.resource_hours["CPU"] == pytest.approx(sum(cpu_hours))
+    assert sum(cpu_hours) < 0.95 * summary.seconds / 3600
+    assert summary.compute.cost == pytest.approx(0.05 * sum(cpu_hours))
+    assert json.loads((tmp_path / "runs" / "t" / "results.json").read_text())["compute"]["cost"] == summary.compute.cost
 
     # ASHA-stopped trials were told to Optuna as PRUNED, the others as COMPLETE.
     state_file = next((tmp_path / "runs" / "t" / "tune").glob("searcher-state-*.pkl"))
@@ -63,6 +72,7 @@ def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys, caplog):
     folder = tmp_path / "runs" / "t"
     assert summary.best_config_file == str(folder / "best_config.yaml") and (folder / "best" / "model.pt").exists()
     assert (folder / "summary.txt").read_text().startswith("4 trials in")
+    assert "CPU-hours held by trial workers; cost" in (folder / "summary.txt").read_text()
     out_dir = f"system.out_dir={tmp_path / 'retrain'}"
     retrain = ["train", "--config", summary.best_config_file, "train.epochs=1", out_dir]
     assert cli.main(retrain) == 0

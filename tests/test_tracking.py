@@ -125,6 +125,7 @@ def test_search_logs_one_parent_and_one_child_per_trial(ray_cluster, server, syn
     assert parent.data.metrics["pose_error"] == pytest.approx(best["best_metrics"]["pose_error"])
     assert parent.data.tags["posetune.best_trial"] == best["id"]
     assert parent.data.params["search.num_samples"] == "4" and "posetune.git_commit" in parent.data.tags
+    assert parent.data.metrics["cpu_hours"] > 0 and "cost" not in parent.data.metrics  # no prices given
 
     # The best model is registered, loads with mlflow.pytorch and predicts through the CLI.
     import mlflow.pytorch
