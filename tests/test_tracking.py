@@ -301,3 +301,89 @@ def test_async_logger_retries_outages_and_reports_what_it_dropped(caplog):
     assert any(f.startswith("call during a long outage") for f in failed)
     assert any(f.startswith("queued behind it") for f in failed)
     assert any("retrying in the background" in record.getMessage() for record in caplog.records)
+
+
+# --- Runs close themselves (a real SQLite store, no Ray) ----------------------------------------
+
+
+def _evaluation(samples: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        metrics={"pose_error": 1.0 / samples}, train_loss=0.5, train_images_per_s=9.0, samples_seen=samples
+    )
+
+
+def _train_run(tmp_path, name: str):
+    from posetune.config import Config
+    from posetune.tracking import TrainRun
+
+    cfg = Config()
+    cfg.tracking.tracking_uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    out_dir = tmp_path / name
+    out_dir.mkdir()
+    return TrainRun(cfg, out_dir), cfg.tracking.tracking_uri
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "outcome"),
+    [
+        (None, "FINISHED", "completed"),
+        (KeyboardInterrupt(), "KILLED", "interrupted"),
+        ("diverged", "FAILED", "diverged"),
+        (RuntimeError("CUDA out of memory"), "FAILED", "failed"),
+    ],
+)
+def test_a_training_run_closes_itself(tmp_path, error, status, outcome):
+    from posetune.errors import TrainingDiverged
+
+    error = TrainingDiverged("loss is nan", 96) if error == "diverged" else error
+    run, uri = _train_run(tmp_path, "run")
+    try:
+        with run:
+            run.on_evaluation(_evaluation(96))
+            if error is not None:
+                raise error
+    except (KeyboardInterrupt, Exception) as caught:
+        assert caught is error
+    (logged,) = client_for(uri).search_runs([client_for(uri).get_experiment_by_name("posetune").experiment_id])
+    assert logged.info.status == status and logged.data.tags["posetune.status"] == outcome
+    assert logged.data.metrics["pose_error"] == pytest.approx(1 / 96) and not run.unlogged
+
+
+def test_a_user_error_before_training_logs_nothing(tmp_path):
+    from posetune.errors import DataError
+
+    run, _ = _train_run(tmp_path, "run")
+    with pytest.raises(DataError), run:
+        raise DataError("dataset.root = '/nope' does not exist")
+    assert not (tmp_path / "store").exists()  # not even an empty store
+
+
+def test_a_search_run_is_a_listener_that_closes_its_parent(tmp_path):
+    """The search's events, sent by hand: a parent, one child per trial, and the parent FAILED
+    when the search raises after it started."""
+    from posetune.config import Config, TrackingConfig
+    from posetune.results import Outcome, SearchStarted, TrialEnded, TrialReported, TrialStarted
+    from posetune.tracking import SearchRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("search: {}\n")
+    run = SearchRun(TrackingConfig(tracking_uri=uri), "s", str(tmp_path / "s"), str(space_file), {"search.x": 1})
+    (tmp_path / "s").mkdir()
+    config = Config()  # the trial's whole config: its child run's params
+    config.optimizer.lr = 0.01
+    with pytest.raises(RuntimeError, match="the cluster went away"), run:
+        run.on_event(SearchStarted(str(tmp_path / "s"), resume=False))
+        run.on_event(TrialStarted("t1", {"optimizer.lr": 0.01}, config))
+        run.on_event(TrialReported("t1", {"optimizer.lr": 0.01}, 96, {"pose_error": 0.5, "train_loss": 1.0}, None))
+        run.on_event(TrialEnded("t1", {"optimizer.lr": 0.01}, Outcome.STOPPED_EARLY, 96, None, None, {"CPU": 0.1}))
+        raise RuntimeError("the cluster went away")
+    _, parent, children = runs_of(uri, "s")
+    assert parent.info.status == "FAILED" and parent.data.params["search.x"] == "1"
+    (child,) = children
+    assert child.info.status == "FINISHED" and child.data.tags["posetune.status"] == "stopped_early"
+    assert child.data.params["optimizer.lr"] == "0.01" and child.data.metrics["train_loss"] == 1.0
+    state = json.loads((tmp_path / "s" / "tracking.json").read_text())
+    assert state["trials"] == {"t1": child.info.run_id} and state["parent_run_id"] == parent.info.run_id
