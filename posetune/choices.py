@@ -25,7 +25,7 @@ BACKBONES = (
 )
 ORIENTATION_LOSSES = ("geodesic", "mse", "sign_invariant")
 SCHEDULES = ("constant", "cosine", "linear")
-SEARCHERS = ("random", "tpe")  # Optuna samplers (posetune.searchers.SAMPLERS)
+SEARCHERS = ("cmaes", "gp", "qmc", "random", "tpe")  # Optuna samplers (posetune.searchers.SAMPLERS)
 METRIC_NAMES = (
     "translation_mse",
     "translation_error_cm",
@@ -37,6 +37,10 @@ METRIC_NAMES = (
     "pose_error",
 )
 HIGHER_IS_BETTER = frozenset({"within_2cm_5deg", "within_5cm_10deg"})
+# What a diverged trial reports for the search metric (negated for a metric to maximise):
+# finite, so that ASHA's rung cut-offs (quantiles of reported values) stay numbers, and worse
+# than any real score.
+DIVERGED_SCORE = 1e9
 
 
 def metric_mode(name: str) -> str:

@@ -161,6 +161,10 @@ def cmd_search(args: argparse.Namespace) -> int:
             print("concurrency: decided from the cluster at RAY_ADDRESS when the search starts")
         print("dry run: nothing was started or written")
         return 0
+    if args.retry_failed and not args.resume:
+        from posetune.errors import ConfigError
+
+        raise ConfigError("--retry-failed runs the failed trials of a search again: use it with --resume")
     resume = ["posetune search", args.space, "--resume", *(["--name", args.name] if args.name else []), *args.overrides]
     resume_hint = f"search interrupted; continue it with:\n  {' '.join(resume)}"
     tracking = contextlib.nullcontext()
@@ -171,7 +175,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         tracking = SearchRun(space.tracking, name, folder, args.space, space_params(space))
     try:
         with tracking as run:
-            summary = run_search(space, base, resume=args.resume, listeners=[run] if run else [])
+            listeners = [run] if run else []
+            summary = run_search(space, base, resume=args.resume, retry_failed=args.retry_failed, listeners=listeners)
     except KeyboardInterrupt:
         print(f"\n{resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -361,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("space", metavar="SPACE.yaml", help="search-space file (see search_spaces/README.md)")
     search.add_argument("--name", help="experiment name (default: storage.name from the file)")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
+    search.add_argument(
+        "--retry-failed", action="store_true", help="with --resume: run failed trials again (default: they stay failed)"
+    )
     search.add_argument("--dry-run", action="store_true", help="print the space, trial count and resource plan")
     search.add_argument(
         "overrides",

@@ -17,7 +17,7 @@ from functools import cmp_to_key
 from typing import Any, Protocol
 
 from posetune import storage
-from posetune.choices import METRIC_NAMES, better
+from posetune.choices import DIVERGED_SCORE, METRIC_NAMES, better
 from posetune.config import Config
 from posetune.errors import PosetuneError
 from posetune.tables import format_table
@@ -246,6 +246,18 @@ class SearchResults:
 
     def counts(self) -> dict[Outcome, int]:
         return count(list(self.records.values()))
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """Trials that ended (not failed) -> the result that ends them again the same way."""
+        final = {}
+        for record in self.records.values():
+            if record.status in (Outcome.COMPLETED, Outcome.STOPPED_EARLY):
+                final[record.id] = {**record.metrics, "samples_seen": record.samples_seen}
+            elif record.status is Outcome.DIVERGED:
+                score = DIVERGED_SCORE if self.mode == "min" else -DIVERGED_SCORE
+                final[record.id] = {"diverged": 1, "error": record.error, self.metric: score}
+                final[record.id]["samples_seen"] = record.samples_seen
+        return final
 
     def compute(self) -> Compute:
         return compute(list(self.records.values()), self.prices)

@@ -46,7 +46,7 @@ from posetune.results import (
     summary_lines,
 )
 from posetune.searchers import build_scheduler, build_searcher
-from posetune.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter
+from posetune.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, used_values
 from posetune.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class TrialEvents(tune.Callback):
         # Not `self.setup`: that is a Tune callback method.
         self.listeners, self.trial_setup, self.folder = list(listeners), setup, folder
         self.started: dict[str, float] = {}  # trial id -> when it (re)started, for its resource-hours
+        self.used: dict[str, dict[str, Any]] = {}  # trial id -> its searched values as used
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into the experiment; listeners hold files, threads and
@@ -97,20 +98,22 @@ class TrialEvents(tune.Callback):
         return {**self.__dict__, "listeners": []}
 
     def emit(self, event: SearchEvent) -> None:
+        if getattr(event, "trial_id", None) in self.trial_setup.finished:
+            return  # ended in an earlier run of the search: its record and run are final
         for listener in self.listeners:
             listener.on_event(event)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.monotonic()
-        params = dict(trial.config)
-        self.emit(TrialStarted(trial.trial_id, params, build_trial_config(self.trial_setup, params)))
+        config = build_trial_config(self.trial_setup, dict(trial.config))
+        self.emit(TrialStarted(trial.trial_id, self._used(trial, config), config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("diverged"):  # the trial ends next, as diverged
             return
         metrics = {key: float(result[key]) for key in REPORTED if key in result}
         samples = int(result["samples_seen"])
-        self.emit(TrialReported(trial.trial_id, dict(trial.config), samples, metrics, self._checkpoint(result)))
+        self.emit(TrialReported(trial.trial_id, self._used(trial), samples, metrics, self._checkpoint(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -126,7 +129,14 @@ class TrialEvents(tune.Callback):
         samples = int(result.get("samples_seen", 0))
         checkpoint = self._checkpoint(result)
         hours = self._resource_hours(trial.trial_id)
-        self.emit(TrialEnded(trial.trial_id, dict(trial.config), outcome, samples, error, checkpoint, hours))
+        self.emit(TrialEnded(trial.trial_id, self._used(trial), outcome, samples, error, checkpoint, hours))
+
+    def _used(self, trial, config: Config | None = None) -> dict[str, Any]:
+        """The trial's searched values as its config uses them (what results.json records)."""
+        if trial.trial_id not in self.used:
+            config = config or build_trial_config(self.trial_setup, dict(trial.config))
+            self.used[trial.trial_id] = used_values(self.trial_setup.space, config, dict(trial.config))
+        return self.used[trial.trial_id]
 
     def _resource_hours(self, trial_id: str) -> dict[str, float]:
         """Its workers' bundles times the wall time since the trial (re)started."""
@@ -248,13 +258,21 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
 
 
 def run_search(
-    space: SearchSpace, base: Config, *, resume: bool = False, listeners: Sequence[Listener] = ()
+    space: SearchSpace,
+    base: Config,
+    *,
+    resume: bool = False,
+    retry_failed: bool = False,
+    listeners: Sequence[Listener] = (),
 ) -> SearchSummary:
     """Run (or resume) the search; return its summary. The caller prints it.
 
     Every event goes to results.json first, then to ``listeners`` (tracking): ``SearchStarted``
     once every check has passed, just before the first trial (a listener may still refuse
-    the search by raising), trial events as they happen, ``SearchEnded`` with the summary."""
+    the search by raising), trial events as they happen, ``SearchEnded`` with the summary.
+    On a resume, trials that ended keep their record (Tune may restart one whose end it had
+    not saved: it re-reports its end without training, and no event is sent); failed trials
+    stay failed unless ``retry_failed``."""
     folder = experiment_dir(space)
     base = absolute_paths(base)
     fingerprint = _fingerprint(space, base)
@@ -268,9 +286,10 @@ def run_search(
         plan = plan_resources(space, cluster)
         for line in describe_plan(space, base, plan):
             log.info(line)
-        setup = TrialSetup(space, base.to_dict(), train_size, plan, storage.join(folder, "train"))
         s = space.search
         results = SearchResults(storage.join(folder, "results.json"), s.metric, s.resolved_mode, space.resources.prices)
+        train = storage.join(folder, "train")
+        setup = TrialSetup(space, base.to_dict(), train_size, plan, train, results.finished() if resume else {})
         events = TrialEvents([results, *listeners], setup, folder)
         events.emit(SearchStarted(folder, resume))
         about = {"fingerprint": fingerprint, "metric": space.search.metric, "mode": space.search.resolved_mode}
@@ -278,7 +297,7 @@ def run_search(
         start = time.monotonic()
         interrupted = False
         try:
-            _tuner(space, setup, folder, events, resume).fit()
+            _tuner(space, setup, folder, events, resume, retry_failed).fit()
         except KeyboardInterrupt:
             interrupted = True
         interrupted = interrupted or results.counts()[Outcome.RUNNING] > 0
@@ -293,7 +312,9 @@ def run_search(
             ray.shutdown()
 
 
-def _tuner(space: SearchSpace, setup: TrialSetup, folder: str, events: TrialEvents, resume: bool) -> tune.Tuner:
+def _tuner(
+    space: SearchSpace, setup: TrialSetup, folder: str, events: TrialEvents, resume: bool, retry_failed: bool
+) -> tune.Tuner:
     """A new Tuner, or the one Tune saved in the folder (its searcher state included)."""
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), setup.plan.driver)
     storage_path, filesystem = storage.ray_storage(folder)
@@ -303,7 +324,7 @@ def _tuner(space: SearchSpace, setup: TrialSetup, folder: str, events: TrialEven
             f"{storage_path}/{TUNE_FOLDER}",
             trainable,
             resume_unfinished=True,
-            resume_errored=True,
+            resume_errored=retry_failed,  # failed trials stay failed unless asked
             storage_filesystem=filesystem,
         )
         internals.restored_run_config(tuner).callbacks = [events]  # the saved copy has no listeners
@@ -367,6 +388,9 @@ def _finish(
     problems = []
     if best and best.checkpoint:
         best_config = build_trial_config(setup, best.params)
+        # `posetune train` is one process: W workers' batches become W x the accumulation steps,
+        # so it trains with the trial's effective batch (and optimizer steps per epoch).
+        best_config.train.accumulation_steps *= setup.space.resources.workers_per_trial
         best_config.system.out_dir = None
         best_config.checkpoint.resume = None
         best_config.system.progress = True

@@ -1,6 +1,6 @@
 """The searcher and the scheduler of a search.
 
-Searcher: an Optuna sampler (TPE, or random for comparison) through Ray's OptunaSearch, with
+Searcher: an Optuna sampler (TPE by default; random, GP, CMA-ES, QMC) through Ray's OptunaSearch, with
 a define-by-run space (conditional parameters). Scheduler: ASHA on *training samples seen*, so
 trials with different batch sizes are stopped at equal compute. A trial that ASHA stops is
 told to Optuna as PRUNED (``BudgetAwareOptunaSearch``), never as a finished trial with an
@@ -17,14 +17,26 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from posetune import internals
-from posetune.space import DefineByRun, SearchSpace
+from posetune.space import DefineByRun, SearchSettings, SearchSpace
 
-# search.searcher: the Optuna sampler, made from the search's seed. Its names are
-# posetune.choices.SEARCHERS (a test keeps the two equal).
-SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
-    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
-    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+# search.searcher: the Optuna sampler, made from the search's settings. Its names are
+# posetune.choices.SEARCHERS (a test keeps the two equal). Model-based samplers start with
+# search.startup_trials random trials (see SearchSettings.resolved_startup_trials).
+SAMPLERS: dict[str, Callable[[SearchSettings], optuna.samplers.BaseSampler]] = {
+    "cmaes": lambda s: optuna.samplers.CmaEsSampler(
+        seed=s.seed, n_startup_trials=s.resolved_startup_trials, warn_independent_sampling=False
+    ),
+    "gp": lambda s: optuna.samplers.GPSampler(
+        seed=s.seed, n_startup_trials=s.resolved_startup_trials, warn_independent_sampling=False
+    ),
+    "qmc": lambda s: optuna.samplers.QMCSampler(seed=s.seed, warn_independent_sampling=False),
+    "random": lambda s: optuna.samplers.RandomSampler(seed=s.seed),
+    "tpe": lambda s: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.resolved_startup_trials),
 }
+
+
+def list_samplers() -> list[str]:
+    return sorted(SAMPLERS)
 
 
 class BudgetAwareOptunaSearch(OptunaSearch):
@@ -35,7 +47,9 @@ class BudgetAwareOptunaSearch(OptunaSearch):
     - A trial that ends before the budget (stopped by ASHA) or diverged is told as PRUNED.
       Ray tells it COMPLETE with its partial score, so TPE would learn from under-trained
       values as if they were final; Optuna's TPE ranks pruned trials below complete ones,
-      by how far they got and then by their last value.
+      by how far they got and then by their last value. A diverged trial's last value is the
+      worst score (trial.DIVERGED_SCORE) at the step it diverged: its region of the space
+      counts as bad, but no worse than a trial stopped earlier, which proved even less.
     """
 
     def __init__(self, *args, budget: int, **kwargs):
@@ -49,7 +63,7 @@ class BudgetAwareOptunaSearch(OptunaSearch):
 
     def _report(self, trial_id: str, result: dict) -> None:
         step = result.get("samples_seen")
-        if result.get("diverged") or step is None or self.metric not in result:
+        if step is None or self.metric not in result:  # a diverged trial's result holds its worst score
             return
         if step not in self._reported.setdefault(trial_id, set()):
             self._reported[trial_id].add(step)
@@ -73,7 +87,7 @@ def build_searcher(space: SearchSpace) -> BudgetAwareOptunaSearch:
         space=DefineByRun(space),
         metric=s.metric,
         mode=s.resolved_mode,
-        sampler=SAMPLERS[s.searcher](s.seed),
+        sampler=SAMPLERS[s.searcher](s),
         points_to_evaluate=[dict(point) for point in s.points_to_evaluate] or None,
         budget=s.asha.max_samples,
     )

@@ -30,6 +30,7 @@ from posetune.config import (
     Config,
     TrackingConfig,
     config_keys,
+    flatten,
     load_config,
     parse_override,
     read_yaml_mapping,
@@ -94,6 +95,7 @@ class SearchSettings(_Strict):
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster fits
     seed: int = 0
     searcher: str = "tpe"
+    startup_trials: int | Literal["auto"] = "auto"  # random trials before TPE/GP/CMA-ES model the results
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     asha: Asha
 
@@ -101,6 +103,22 @@ class SearchSettings(_Strict):
     @classmethod
     def _check_searcher(cls, value: str) -> str:
         return check_choice(value, SEARCHERS)
+
+    @field_validator("startup_trials")
+    @classmethod
+    def _check_startup(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be >= 0 (or auto)")
+        return value
+
+    @property
+    def resolved_startup_trials(self) -> int:
+        """auto: a quarter of the search, at least 2. Optuna's default (10) suits studies of
+        ~100 trials; on the 8 to 50 trials users run here it would leave TPE little or nothing
+        to propose. Two finished trials are the fewest its good/bad split can use."""
+        if self.startup_trials == "auto":
+            return max(2, self.num_samples // 4)
+        return self.startup_trials
 
     @property
     def resolved_mode(self) -> str:
@@ -415,6 +433,18 @@ def trial_config(space: SearchSpace, base_cfg: Config, params: Mapping[str, Any]
             int(params[EFFECTIVE_BATCH]), batch, space.resources.workers_per_trial, bounds
         )
     return load_config(base=base_cfg.to_dict(), settings=values, environ={}, settings_source="sampled parameters")
+
+
+def used_values(space: SearchSpace, cfg: Config, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The searched values as the trial's config uses them: effective_batch after the derived
+    accumulation is rounded (batch_size x accumulation_steps x workers), every other key as
+    resolved."""
+    flat = flatten(cfg.to_dict())
+    used = {key: flat[key] for key in params if key != EFFECTIVE_BATCH}
+    if EFFECTIVE_BATCH in params:
+        workers = space.resources.workers_per_trial
+        used[EFFECTIVE_BATCH] = cfg.train.batch_size * cfg.train.accumulation_steps * workers
+    return used
 
 
 def describe_parameter(p: Parameter) -> str:

@@ -18,12 +18,12 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from posetune import storage
-from posetune.choices import metric_mode
+from posetune.choices import DIVERGED_SCORE
 from posetune.config import Config, config_from_dict
 from posetune.placement import ResourcePlan
 from posetune.space import SearchSpace, trial_config
@@ -43,6 +43,9 @@ class TrialSetup:
     train_size: int  # training samples, to turn the sample budget into epochs
     plan: ResourcePlan  # each worker's bundle, GPUs, how long to wait for resources
     train_storage: str  # where Ray Train keeps each trial's checkpoints (folder or gs://)
+    # Trials that ended in an earlier run of this search -> their final result. Tune restarts
+    # such a trial after a resume when its saved state predates the end; it is not re-run.
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def epochs_for_budget(cfg: Config, train_size: int, workers: int, max_samples: int) -> int:
@@ -55,6 +58,7 @@ def build_trial_config(setup: TrialSetup, params: dict[str, Any]) -> Config:
     cfg = trial_config(setup.space, config_from_dict(setup.base), params)
     workers = setup.space.resources.workers_per_trial
     cfg.train.epochs = epochs_for_budget(cfg, setup.train_size, workers, setup.space.search.asha.max_samples)
+    cfg.checkpoint.monitor = setup.space.search.metric  # best.pt: the trial's best by the search's metric
     cfg.system.progress = False
     return cfg
 
@@ -66,6 +70,10 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    trial_id = ray.tune.get_context().get_trial_id()
+    if trial_id in setup.finished:  # ended before the resume: say again how, train nothing
+        ray.tune.report(setup.finished[trial_id])
+        return
     cfg = build_trial_config(setup, params)
     plan = setup.plan
     # Ray Train waits this long for the workers' resources before retrying: on an autoscaling
@@ -78,6 +86,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         train_loop_config={
             "config": cfg.to_dict(),
             "metric": setup.space.search.metric,
+            "mode": setup.space.search.resolved_mode,
             "train_storage": setup.train_storage,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -87,7 +96,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         ),
         run_config=ray.train.RunConfig(
             # One name per trial: a restarted trial finds and resumes its own Train run.
-            name=ray.tune.get_context().get_trial_id(),
+            name=trial_id,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             callbacks=[TuneReportCallback()],
@@ -125,6 +134,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         storage.download_tree(storage.from_ray_path(loop_config["train_storage"], checkpoint.path), local)
         cfg.checkpoint.resume = str(local / "last.pt")
 
+    reported = []
+
     def report(evaluation) -> None:
         metrics = {
             **evaluation.metrics,
@@ -135,9 +146,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         }
         attached = ray.train.Checkpoint.from_directory(evaluation.checkpoint_dir) if rank == 0 else None
         ray.train.report(metrics, checkpoint=attached)
+        reported.append(evaluation.samples_seen)
 
     try:
-        fit(
+        result = fit(
             cfg,
             device=ray.train.torch.get_device(),
             rank=rank,
@@ -145,12 +157,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             on_evaluation=report,
             progress=False,
         )
+        if checkpoint is not None and not reported and result.history:
+            # Restored at its final checkpoint (Tune re-ran a trial that had finished after its
+            # state was last saved): nothing was left to train, so say again how it ended.
+            last = result.history[-1]
+            folder = Path(cfg.system.out_dir) / "checkpoints"
+            attached = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
+            ray.train.report(last, checkpoint=attached)
     except TrainingDiverged as exc:
         # Every rank detects divergence at the same step (it is all-reduced), so every rank
-        # reports once more; Tune sees `diverged` and the searcher is told the trial failed.
-        metric = loop_config["metric"]
-        worst = -math.inf if metric_mode(metric) == "max" else math.inf
-        ray.train.report({"diverged": 1, "error": str(exc), metric: worst, "samples_seen": exc.samples_seen})
+        # reports once more: ASHA gets the worst score, the searcher tells Optuna PRUNED with
+        # that score at the step it diverged (posetune.searchers), and the trial ends diverged.
+        worst = -DIVERGED_SCORE if loop_config["mode"] == "max" else DIVERGED_SCORE
+        report = {"diverged": 1, "error": str(exc), loop_config["metric"]: worst, "samples_seen": exc.samples_seen}
+        ray.train.report(report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -1,5 +1,6 @@
 """Two gloo processes on the CPU, without Ray: with model.sync_batchnorm a 2-worker update
 equals one process training on the combined batch; without it (per-rank BatchNorm) it does not.
+Validation metrics gathered from two ranks equal one process's.
 
 In float64: BatchNorm's backward over 4-sample batches amplifies float32 summation-order noise
 to ~1e-3 relative after one step, which would hide a real error; in float64 the synchronised
@@ -95,3 +96,40 @@ def test_sync_batchnorm_two_ranks_equal_one_process_on_the_combined_batch():
     unsynced = two_ranks(sync=False)
     differs = [k for k in expected if not torch.allclose(unsynced[0][k], expected[k], atol=1e-6, rtol=1e-5)]
     assert any("running_mean" in k for k in differs) and any("weight" in k for k in differs)
+
+
+def _evaluate_rank(rank: int, port: int, root: str, out: dict) -> None:
+    from posetune.train import Runtime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        out[rank] = evaluate_once(root, Runtime(torch.device("cpu"), rank=rank, world_size=2))
+    finally:
+        dist.destroy_process_group()
+
+
+def evaluate_once(root: str, runtime) -> dict[str, float]:
+    """The metrics of a fixed model on the 32-frame val split, batches of 5 (uneven shards)."""
+    from posetune.config import load_config
+    from posetune.data import load_split
+    from posetune.train import evaluate
+
+    cfg = load_config(None, [f"dataset.root={root}", "dataset.image_scale=48x48", "dataset.cache=false"], environ={})
+    net = model().eval()
+    return evaluate(net, load_split(cfg, "val"), 5, runtime)
+
+
+@pytest.mark.timeout(300)
+def test_gathered_validation_metrics_equal_one_process(synth_small):
+    from posetune.train import Runtime
+
+    single = evaluate_once(str(synth_small), Runtime(torch.device("cpu")))
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_evaluate_rank, args=(free_port(), str(synth_small), out), nprocs=2, start_method="spawn")
+        ranks = dict(out)
+    assert ranks[0] == ranks[1]  # every rank reports the metrics of the whole split
+    for key, value in single.items():
+        assert ranks[0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

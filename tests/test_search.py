@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from posetune import cli
+from posetune.choices import DIVERGED_SCORE
+from posetune.config import load_config
+from posetune.results import Outcome
 from posetune.search import plan_resources, run_search
 from posetune.space import load_space
 
@@ -105,6 +108,35 @@ def test_two_worker_trial_trains_with_ddp(ray_cluster, synth_small, tmp_path):
     assert record["status"] == "completed", record
     # 2 ranks x 16 per step: 96 frames give 3 steps (96 samples) per epoch, 4 epochs.
     assert record["samples_seen"] == 384 and record["metrics"]["translation_error_cm"] > 0
+    # The exported config trains on one process with the trial's effective batch: the two
+    # ranks' batches become twice the accumulation steps.
+    exported = load_config(str(tmp_path / "runs" / "ddp" / "best_config.yaml"), environ={})
+    assert exported.train.accumulation_steps == 2 * base.train.accumulation_steps
+    assert exported.checkpoint.monitor == space.search.metric  # best.pt is chosen by the search's metric
+
+
+def test_a_diverged_trial_ends_diverged_with_a_finite_worst_score(ray_cluster, synth_small, tmp_path):
+    path = tiny_space(
+        tmp_path,
+        synth_small,
+        name="nan",
+        **{"parameters__optimizer.lr": {"distribution": "loguniform", "low": 1e11, "high": 1e12}},
+        search__num_samples=1,
+        search__points_to_evaluate=[],
+    )
+    space, base = load_space(path, ["optimizer.schedule=constant"])
+    summary = run_search(space, base)
+    (record,) = read_results(tmp_path, "nan")
+    assert record["status"] == "diverged" and "lower optimizer.lr" in record["error"], record
+    assert summary.counts[Outcome.DIVERGED] == 1
+    # ASHA saw a finite worst score, never inf or NaN.
+    trial_dir = next((tmp_path / "runs" / "nan" / "tune").glob("trial-*"))
+    last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
+    assert last["diverged"] == 1 and last["pose_error"] == DIVERGED_SCORE
+    # Optuna was told PRUNED, with that score at the step the trial diverged.
+    state_file = next((tmp_path / "runs" / "nan" / "tune").glob("searcher-state-*.pkl"))
+    (told,) = pickle.loads(state_file.read_bytes())["_ot_study"].trials
+    assert told.state.name == "PRUNED" and told.intermediate_values == {last["samples_seen"]: DIVERGED_SCORE}
 
 
 def test_worker_killed_mid_trial_resumes_from_its_checkpoint(ray_cluster, synth_small, tmp_path):
@@ -177,3 +209,45 @@ def test_scratch_of_dead_workers_is_swept(tmp_path, monkeypatch):
         assert [p.name for p in tmp_path.iterdir()] == [f"posetune-trial-{os.getpid()}-def"]
     finally:
         tempfile.tempdir = None
+
+
+def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path):
+    """Tune may restart a trial whose end it had not saved: the trial re-reports its recorded
+    end (trial.run_trial), and no listener hears of it, so its record and MLflow run stay final."""
+    from types import SimpleNamespace
+
+    from posetune.placement import ClusterShape, Node
+    from posetune.placement import plan_resources as plan_for_nodes
+    from posetune.results import SearchResults, TrialEnded, TrialStarted
+    from posetune.search import TrialEvents
+    from posetune.trial import TrialSetup
+
+    space, base = load_space(tiny_space(tmp_path, synth_small))
+    results = SearchResults(str(tmp_path / "results.json"), "pose_error", "min", {})
+    results.on_event(TrialStarted("done", {"optimizer.lr": 1e-3}, base))
+    results.on_event(TrialEnded("done", {"optimizer.lr": 1e-3}, Outcome.STOPPED_EARLY, 96, None, None, {}))
+    results.on_event(TrialStarted("broken", {"optimizer.lr": 1e-3}, base))
+    results.on_event(TrialEnded("broken", {"optimizer.lr": 1e-3}, Outcome.FAILED, 0, "boom", None, {}))
+    finished = results.finished()
+    assert set(finished) == {"done"}  # a failed trial is not an ending to replay
+    assert finished["done"]["samples_seen"] == 96
+
+    plan = plan_for_nodes(
+        workers_per_trial=1,
+        cpus_per_worker=1,
+        gpus_per_worker=0,
+        num_samples=2,
+        max_concurrent_trials=None,
+        cluster=ClusterShape([Node({"CPU": 2.0})]),
+    )
+    setup = TrialSetup(space, base.to_dict(), 96, plan, str(tmp_path / "train"), finished)
+    heard = []
+    events = TrialEvents([SimpleNamespace(on_event=heard.append)], setup, str(tmp_path))
+    for trial_id in ("done", "new"):
+        trial = SimpleNamespace(
+            trial_id=trial_id, config={"optimizer.lr": 1e-3, "train.beta_loss": 1.0}, last_result={}
+        )
+        events.on_trial_start(0, [], trial)
+        events.on_trial_complete(0, [], trial)
+    assert [(type(e).__name__, e.trial_id) for e in heard] == [("TrialStarted", "new"), ("TrialEnded", "new")]
+    assert heard[1].resource_hours["CPU"] > 0 and heard[0].params["optimizer.lr"] == 1e-3

@@ -103,7 +103,7 @@ def test_valid_space_and_overrides(tmp_path):
             r"points_to_evaluate\[0\]\.optimizer\.lr = 5\.0 is outside",
         ),
         ({"search/searchr": "tpe"}, r"search\.searchr: unknown key in search; did you mean searcher\?"),
-        ({"search/searcher": "grid"}, r"search\.searcher = 'grid': is not known; choose one of: random, tpe"),
+        ({"search/searcher": "grid"}, r"search\.searcher = 'grid': is not known; choose one of: cmaes, gp, qmc"),
         ({"search/searcher": "tpee"}, r"search\.searcher = 'tpee': .*is not known; did you mean tpe\? choose one of"),
         ({"storage/name": "a b"}, r"storage\.name = 'a b': string should match pattern"),
         ({"storage": None}, r"storage: required"),
