@@ -45,6 +45,13 @@ def write(tmp_path: Path, data: dict, name: str = "cluster.yaml") -> str:
     return str(path)
 
 
+def problems_of(tmp_path: Path, data: dict) -> list[str]:
+    """The lines of `posetune cluster check`'s error for a cluster file holding `data`."""
+    with pytest.raises(ConfigError) as caught:
+        check_cluster_file(write(tmp_path, data))
+    return str(caught.value).splitlines()[1:]
+
+
 @pytest.mark.parametrize("name", ["gcp.yaml", "kuberay.yaml"])
 def test_shipped_files_pass_once_their_placeholders_are_set(name, tmp_path, capsys):
     path = tmp_path / name
@@ -132,9 +139,7 @@ LAUNCHER_BREAKS = [
 def test_broken_launcher_files_fail_with_one_line_each(break_it, message, tmp_path):
     config = gcp()
     break_it(config)
-    with pytest.raises(ConfigError) as caught:
-        check_cluster_file(write(tmp_path, config))
-    problems = str(caught.value).splitlines()[1:]
+    problems = problems_of(tmp_path, config)
     assert len(problems) == 1, problems  # exactly the one thing that was broken
     assert re.search(message, problems[0]), problems[0]
 
@@ -190,9 +195,7 @@ RAYJOB_BREAKS = [
 def test_broken_rayjobs_fail_with_one_line_each(break_it, message, tmp_path):
     job = rayjob()
     break_it(job)
-    with pytest.raises(ConfigError) as caught:
-        check_cluster_file(write(tmp_path, job))
-    problems = str(caught.value).splitlines()[1:]
+    problems = problems_of(tmp_path, job)
     assert any(re.search(message, p) for p in problems), problems
     # A misspelt field also leaves the real one unset, which is then a second, true problem.
     assert len(problems) <= 2, problems
