@@ -45,7 +45,7 @@ from posetune.results import (
     TrialStarted,
     summary_lines,
 )
-from posetune.searchers import build_scheduler, build_searcher
+from posetune.searchers import MODEL_BASED, build_scheduler, build_searcher
 from posetune.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, used_values
 from posetune.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
 
@@ -241,7 +241,8 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
         lines.append(f"  ({EFFECTIVE_BATCH} = batch_size x accumulation_steps x workers; accumulation is derived)")
     lines += [
         f"base: backbone {base.model.backbone}, image {base.dataset.image_scale}, data {base.dataset.root}",
-        f"trials: {s.num_samples} ({s.searcher} searcher, seed {s.seed}, {len(s.points_to_evaluate)} initial point(s))",
+        f"trials: {s.num_samples} ({s.searcher} searcher, seed {s.seed}, {len(s.points_to_evaluate)} initial point(s)"
+        + (f", {s.resolved_startup_trials} random start-up trial(s))" if s.searcher in MODEL_BASED else ")"),
         f"objective: {s.resolved_mode} {s.metric}",
         f"ASHA on samples seen: budget {s.asha.max_samples:,}, grace {s.asha.grace_samples:,}, "
         f"reduction factor {s.asha.reduction_factor:g}",

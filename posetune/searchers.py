@@ -35,6 +35,9 @@ SAMPLERS: dict[str, Callable[[SearchSettings], optuna.samplers.BaseSampler]] = {
 }
 
 
+MODEL_BASED = frozenset({"cmaes", "gp", "tpe"})  # the samplers that use startup_trials
+
+
 def list_samplers() -> list[str]:
     return sorted(SAMPLERS)
 

@@ -106,6 +106,9 @@ def test_user_errors_exit_2_with_one_line(trained, tmp_path):
     assert_user_error(
         posetune("config", env={"POSETUNE_TRAIN__EPOCHS": "zero"}), "POSETUNE_TRAIN__EPOCHS", "valid integer"
     )
+    assert_user_error(
+        posetune("search", "search_spaces/quick.yaml", "--retry-failed"), "--retry-failed", "use it with --resume"
+    )
     assert posetune("evaluate").returncode == 2  # argparse: missing --checkpoint
 
 
