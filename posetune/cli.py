@@ -153,6 +153,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from posetune.search import describe_plan, experiment_dir, plan_resources, run_search
     from posetune.space import load_space, space_params
 
+    if args.retry_failed and not args.resume:
+        from posetune.errors import ConfigError
+
+        raise ConfigError("--retry-failed runs the failed trials of a search again: use it with --resume")
     space, base = load_space(args.space, args.overrides, args.name)
     if args.dry_run:
         plan = None if os.environ.get("RAY_ADDRESS") else plan_resources(space, local_shape())
@@ -161,10 +165,6 @@ def cmd_search(args: argparse.Namespace) -> int:
             print("concurrency: decided from the cluster at RAY_ADDRESS when the search starts")
         print("dry run: nothing was started or written")
         return 0
-    if args.retry_failed and not args.resume:
-        from posetune.errors import ConfigError
-
-        raise ConfigError("--retry-failed runs the failed trials of a search again: use it with --resume")
     resume = ["posetune search", args.space, "--resume", *(["--name", args.name] if args.name else []), *args.overrides]
     resume_hint = f"search interrupted; continue it with:\n  {' '.join(resume)}"
     tracking = contextlib.nullcontext()
