@@ -43,6 +43,12 @@ HIGHER_IS_BETTER = frozenset({"within_2cm_5deg", "within_5cm_10deg"})
 DIVERGED_SCORE = 1e9
 
 
+def diverged_result(metric: str, mode: str, error: str | None, samples_seen: int) -> dict[str, object]:
+    """What a diverged trial reports to Tune (and re-reports after a resume): its worst score."""
+    worst = -DIVERGED_SCORE if mode == "max" else DIVERGED_SCORE
+    return {"diverged": 1, "error": error, metric: worst, "samples_seen": samples_seen}
+
+
 def metric_mode(name: str) -> str:
     """'max' for shares of good predictions, 'min' for errors."""
     return "max" if name in HIGHER_IS_BETTER else "min"

@@ -17,7 +17,7 @@ from functools import cmp_to_key
 from typing import Any, Protocol
 
 from posetune import storage
-from posetune.choices import DIVERGED_SCORE, METRIC_NAMES, better
+from posetune.choices import METRIC_NAMES, better, diverged_result
 from posetune.config import Config
 from posetune.errors import PosetuneError
 from posetune.tables import format_table
@@ -254,9 +254,7 @@ class SearchResults:
             if record.status in (Outcome.COMPLETED, Outcome.STOPPED_EARLY):
                 final[record.id] = {**record.metrics, "samples_seen": record.samples_seen}
             elif record.status is Outcome.DIVERGED:
-                score = DIVERGED_SCORE if self.mode == "min" else -DIVERGED_SCORE
-                final[record.id] = {"diverged": 1, "error": record.error, self.metric: score}
-                final[record.id]["samples_seen"] = record.samples_seen
+                final[record.id] = diverged_result(self.metric, self.mode, record.error, record.samples_seen)
         return final
 
     def compute(self) -> Compute:

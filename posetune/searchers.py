@@ -51,7 +51,7 @@ class BudgetAwareOptunaSearch(OptunaSearch):
       Ray tells it COMPLETE with its partial score, so TPE would learn from under-trained
       values as if they were final; Optuna's TPE ranks pruned trials below complete ones,
       by how far they got and then by their last value. A diverged trial's last value is the
-      worst score (trial.DIVERGED_SCORE) at the step it diverged: its region of the space
+      worst score (choices.DIVERGED_SCORE) at the step it diverged: its region of the space
       counts as bad, but no worse than a trial stopped earlier, which proved even less.
     """
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from posetune import storage
-from posetune.choices import DIVERGED_SCORE
+from posetune.choices import diverged_result
 from posetune.config import Config, config_from_dict
 from posetune.placement import ResourcePlan
 from posetune.space import SearchSpace, trial_config
@@ -168,9 +168,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # Every rank detects divergence at the same step (it is all-reduced), so every rank
         # reports once more: ASHA gets the worst score, the searcher tells Optuna PRUNED with
         # that score at the step it diverged (posetune.searchers), and the trial ends diverged.
-        worst = -DIVERGED_SCORE if loop_config["mode"] == "max" else DIVERGED_SCORE
-        report = {"diverged": 1, "error": str(exc), loop_config["metric"]: worst, "samples_seen": exc.samples_seen}
-        ray.train.report(report)
+        ray.train.report(diverged_result(loop_config["metric"], loop_config["mode"], str(exc), exc.samples_seen))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
