@@ -43,6 +43,9 @@ class TrainConfig(Section):
     batch_size: int = Field(20, gt=0)  # per worker; reference: batch_training_size
     accumulation_steps: int = Field(10, gt=0)  # effective batch = batch_size x this x workers
     epochs: int = Field(120, gt=0)
+    # Stop after this many training samples (all workers together), mid-epoch if need be, when
+    # that comes before train.epochs: a search's budget is in samples, not epochs.
+    max_samples: int | None = Field(None, gt=0)
     beta_loss: float = Field(1.0, ge=0)  # weight of the orientation loss
     sample_size: int = Field(0, ge=0)  # use the first N training captures; 0 = all
     shuffle: bool = True  # the reference never shuffles; shuffling is almost always better
@@ -54,6 +57,9 @@ class TrainConfig(Section):
 class ValConfig(Section):
     batch_size: int = Field(30, gt=0)
     eval_freq: int = Field(4, gt=0)  # evaluate every N epochs (and always after the last)
+    # Evaluate every N training samples instead (mid-epoch if need be, and always at the end):
+    # trials of different batch sizes are then evaluated, and judged by ASHA, at equal compute.
+    eval_every_samples: int | None = Field(None, gt=0)
     sample_size: int = Field(0, ge=0)
 
 

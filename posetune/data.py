@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -206,7 +207,7 @@ def make_loader(
         sampler = range(rank, len(dataset), world_size)
     return DataLoader(
         dataset,
-        sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
+        sampler=ResumableBatches(sampler, batch_size, drop_last=drop_last),
         batch_size=None,  # the dataset returns whole batches
         num_workers=num_workers,
         pin_memory=pin_memory,  # page-locked batches: asynchronous (non_blocking) copies to the GPU
@@ -215,12 +216,26 @@ def make_loader(
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Reshuffle deterministically for this epoch (same order after a resume)."""
-    sampler = loader.batch_sampler.sampler if loader.batch_sampler else loader.sampler
-    sampler = getattr(sampler, "sampler", sampler)
-    if isinstance(sampler, DistributedSampler):
-        sampler.set_epoch(epoch)
+class ResumableBatches(BatchSampler):
+    """A BatchSampler that can start its next pass a number of batches in, so that a run
+    resumed from a mid-epoch checkpoint trains on the rest of that epoch's order. Only indices
+    are skipped: no skipped image is read. (torchdata's StatefulDataLoader does this too, for
+    an extra dependency and a loader-state format of its own.)"""
+
+    skip = 0  # batches to leave out of the next pass only
+
+    def __iter__(self):
+        batches, self.skip = itertools.islice(super().__iter__(), self.skip, None), 0
+        return batches
+
+
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Reshuffle deterministically for this epoch (same order after a resume) and start the
+    pass `skip_batches` batches in."""
+    batches = loader.sampler
+    batches.skip = skip_batches
+    if isinstance(batches.sampler, DistributedSampler):
+        batches.sampler.set_epoch(epoch)
 
 
 def normalization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

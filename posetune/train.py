@@ -1,4 +1,4 @@
-"""The training loop: ``fit(cfg)`` calls ``train_one_epoch``, ``evaluate`` and ``lr_at``.
+"""The training loop: ``fit(cfg)`` calls ``train_batches``, ``evaluate`` and ``lr_at``.
 
 No globals: device, rank and world size come in as arguments, so a Ray Train worker (or any
 launcher that has set up torch.distributed) calls ``fit`` directly. Rank 0 writes the run
@@ -6,7 +6,7 @@ folder; every rank trains and evaluates its shard.
 
 Run folder (``system.out_dir``):
     config.yaml            the fully resolved config
-    checkpoints/last.pt    every ``save_frequency`` epochs and at every evaluation
+    checkpoints/last.pt    every ``save_frequency`` epochs and at every evaluation (mid-epoch too)
     checkpoints/best.pt    the evaluation with the best ``checkpoint.monitor`` value
     metrics.json           {"history": [per evaluation], "best": {...}}
 """
@@ -20,7 +20,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -126,28 +126,103 @@ class Runtime:
 
 @dataclass
 class TrainState:
-    """What a checkpoint restores besides weights and optimizer."""
+    """Where training stands: what a checkpoint restores besides weights and optimizer."""
 
     epoch: int = 0  # completed epochs
+    batch: int = 0  # micro-batches done in the current epoch (a mid-epoch checkpoint)
     step: int = 0  # optimizer steps taken
     samples_seen: int = 0  # training samples consumed, all ranks together
+    evaluated_at: int = 0  # samples_seen at the last evaluation
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When training ends and when it evaluates, fixed before the first step.
+
+    Training ends after train.epochs, or at train.max_samples if that comes first (mid-epoch).
+    It evaluates every val.eval_every_samples samples when that is set, else every
+    val.eval_freq epochs, and always at the end. A search sets both sample counts, so that
+    trials of every batch size are evaluated, and judged by ASHA, at the same sample counts.
+    """
+
+    batches_per_epoch: int  # micro-batches per epoch on each rank
+    samples_per_batch: int  # one micro-batch on every rank together
+    total_batches: int
+    eval_every_samples: int | None
+    eval_freq: int
+
+    @classmethod
+    def of(cls, cfg: Config, batches_per_epoch: int, samples_per_batch: int) -> Schedule:
+        total = batches_per_epoch * cfg.train.epochs
+        if cfg.train.max_samples is not None:
+            total = min(total, math.ceil(cfg.train.max_samples / samples_per_batch))
+        return cls(batches_per_epoch, samples_per_batch, total, cfg.val.eval_every_samples, cfg.val.eval_freq)
+
+    @property
+    def total_samples(self) -> int:
+        return self.total_batches * self.samples_per_batch
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_batches / self.batches_per_epoch)
+
+    def epoch_batches(self, epoch: int) -> int:
+        """Micro-batches of this epoch that are trained (fewer in a last, cut-short epoch)."""
+        return min(self.batches_per_epoch, self.total_batches - epoch * self.batches_per_epoch)
+
+    def optimizer_steps(self, accumulation: int) -> int:
+        """Accumulation groups restart at each epoch, so the last group of an epoch may be short."""
+        full, rest = divmod(self.total_batches, self.batches_per_epoch)
+        return full * math.ceil(self.batches_per_epoch / accumulation) + math.ceil(rest / accumulation)
+
+    def evaluation_due(self, state: TrainState) -> bool:
+        """After a micro-batch (state.batch == 0 right after an epoch's last one)."""
+        if state.samples_seen >= self.total_samples:
+            return True
+        if self.eval_every_samples is not None:
+            next_milestone = (state.evaluated_at // self.eval_every_samples + 1) * self.eval_every_samples
+            return state.samples_seen >= next_milestone
+        return state.batch == 0 and state.epoch % self.eval_freq == 0
 
 
 DIVERGENCE_CHECK_STEPS = 16  # optimizer steps between reads of the loss on the host
 
 
-def _any_nonfinite(flag: torch.Tensor, rt: Runtime) -> bool:
-    """Read the device-side "a loss was not finite" flag: one host-device sync, and every rank
-    agrees (all-reduced), so they stop together instead of one waiting in an all-reduce."""
-    if rt.world_size > 1:
-        flag = flag.clone()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+@dataclass
+class EpochLoss:
+    """The epoch's loss sum and a "some loss was not finite" flag, kept on the device: nothing
+    waits for the device in steady state; they are read when needed (``check``, ``mean``)."""
+
+    total: torch.Tensor
+    nonfinite: torch.Tensor
+    batches: int = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss
+        self.nonfinite = torch.maximum(self.nonfinite, (~torch.isfinite(loss)).float())
+        self.batches += 1
+
+    def mean(self) -> float:
+        return self.total.item() / max(1, self.batches)
+
+    def check(self, rt: Runtime, state: TrainState) -> None:
+        """Raise TrainingDiverged if any loss so far was inf/NaN. One host-device sync, and
+        every rank agrees (all-reduced), so they stop together instead of one waiting in an
+        all-reduce."""
+        flag = self.nonfinite
+        if rt.world_size > 1:
+            flag = flag.clone()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            raise TrainingDiverged(
+                f"training diverged in epoch {state.epoch + 1} (loss {self.mean():g}); lower optimizer.lr",
+                state.samples_seen,
+            )
 
 
-def train_one_epoch(
+def train_batches(
     model: nn.Module,
     loader,
     optimizer: torch.optim.Optimizer,
@@ -158,29 +233,32 @@ def train_one_epoch(
     state: TrainState,
     lr_for_step: Callable[[int], float],
     progress: bool,
-) -> float:
-    """Train on every batch once; return the mean loss. Gradient accumulation divides each
-    micro-batch loss by its group's size, so an update equals that of one big batch.
+    batches: int | None = None,
+) -> Iterator[EpochLoss]:
+    """Train on the epoch's batches from state.batch up to `batches` (default: all), yielding
+    after each one so that the caller can evaluate mid-epoch. Gradient accumulation divides
+    each micro-batch loss by its group's size, so an update equals that of one big batch;
+    groups start at the epoch's first batch, so a resumed epoch groups its batches the same.
+    After the last batch state.epoch has advanced and state.batch is 0.
 
-    Nothing waits for the device in steady state: the loss sum and a "not finite" flag stay on
-    the device and are read every DIVERGENCE_CHECK_STEPS optimizer steps and at the epoch's
-    end, so a diverging run stops within 16 optimizer steps (16 x accumulation_steps batches)."""
+    A diverging run stops within DIVERGENCE_CHECK_STEPS optimizer steps (16 x
+    accumulation_steps batches), when the loss is read on the host."""
     from tqdm import tqdm
 
     model.train()
-    batches, accumulate = len(loader), cfg.train.accumulation_steps
-    loss_sum = torch.zeros((), device=rt.device)
-    nonfinite = torch.zeros((), device=rt.device)  # 1.0 once any loss was inf/NaN
+    batches, accumulate, first = batches or len(loader), cfg.train.accumulation_steps, state.batch
+    loss = EpochLoss(torch.zeros((), device=rt.device), torch.zeros((), device=rt.device))
     start = time.perf_counter()
     bar = tqdm(
         total=batches,
+        initial=first,
         desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
         unit="batch",
         disable=not progress,
         leave=False,
         file=sys.stderr,
     )
-    for i, (images, translations, quaternions) in enumerate(loader):
+    for i, (images, translations, quaternions) in enumerate(loader, start=first):
         # Labels first and asynchronous (pinned memory on CUDA): the copies overlap the forward.
         translations = translations.to(rt.device, non_blocking=True)
         quaternions = quaternions.to(rt.device, non_blocking=True)
@@ -196,40 +274,51 @@ def train_one_epoch(
         with sync:
             with rt.autocast():
                 translation, quaternion = model(rt.inputs(images))
-            loss = pose_loss(translation, quaternion, translations, quaternions, cfg.train.beta_loss, loss_fn)
-            scaler.scale(loss / group_size).backward()
+            batch_loss = pose_loss(translation, quaternion, translations, quaternions, cfg.train.beta_loss, loss_fn)
+            scaler.scale(batch_loss / group_size).backward()
         state.samples_seen += len(images) * rt.world_size
-        loss = loss.detach()
-        loss_sum += loss
-        nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss)).float())
+        state.batch = i + 1
+        loss.add(batch_loss.detach())
         bar.update()
-        if not last_in_group:
-            continue
-        for group in optimizer.param_groups:
-            group["lr"] = lr_for_step(state.step)
-        if cfg.optimizer.grad_clip_norm is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        if state.step % DIVERGENCE_CHECK_STEPS == 0 or i == batches - 1:
-            if _any_nonfinite(nonfinite, rt):
-                raise TrainingDiverged(
-                    f"training diverged at epoch {state.epoch + 1} (loss {loss.item():g}); lower optimizer.lr",
-                    state.samples_seen,
-                )
-            if progress:
-                images_per_second = (i + 1) * len(images) * rt.world_size / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}", img_s=f"{images_per_second:.0f}")
-    bar.close()
-    return loss_sum.item() / max(1, batches)
+        if last_in_group:
+            _optimizer_step(model, optimizer, scaler, cfg, state, lr_for_step)
+            if state.step % DIVERGENCE_CHECK_STEPS == 0 or state.batch == batches:
+                loss.check(rt, state)
+                if progress:
+                    images_per_second = (i + 1 - first) * len(images) * rt.world_size / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{loss.mean():.4f}", img_s=f"{images_per_second:.0f}")
+        if state.batch == batches:
+            state.epoch, state.batch = state.epoch + 1, 0
+            bar.close()
+            yield loss
+            return
+        yield loss
+
+
+def train_one_epoch(*args, **kwargs) -> float:
+    """Train the rest of an epoch without stopping (``train_batches``' arguments); return its
+    mean loss."""
+    *_, loss = train_batches(*args, **kwargs)
+    return loss.mean()
+
+
+def _optimizer_step(model, optimizer, scaler, cfg: Config, state: TrainState, lr_for_step) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr_for_step(state.step)
+    if cfg.optimizer.grad_clip_norm is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
 
 
 @torch.no_grad()
 def predict_loader(model: nn.Module, loader, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Predictions for this rank's share of the loader, in loader order (on the CPU)."""
+    """Predictions for this rank's share of the loader, in loader order (on the CPU). The model
+    is left in the mode it came in: an evaluation mid-epoch is followed by more training."""
+    training = model.training
     model.eval()
     translations, quaternions = [], []
     for images, _, _ in loader:
@@ -238,6 +327,7 @@ def predict_loader(model: nn.Module, loader, rt: Runtime) -> tuple[torch.Tensor,
         translations.append(translation.float().cpu())
         if quaternion is not None:
             quaternions.append(quaternion.float().cpu())
+    model.train(training)
     return torch.cat(translations), torch.cat(quaternions) if quaternions else None
 
 
@@ -274,7 +364,7 @@ def evaluate(model: nn.Module, dataset: PoseDataset, batch_size: int, rt: Runtim
 class Evaluation:
     """What ``fit`` tells its ``on_evaluation`` callback after each evaluation."""
 
-    epoch: int
+    epoch: float  # epochs trained: a fraction for an evaluation mid-epoch
     samples_seen: int
     metrics: dict[str, float]
     is_best: bool
@@ -412,8 +502,9 @@ def fit(
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(model) if cfg.train.compile else model  # state_dict() stays model's
 
+    schedule = Schedule.of(cfg, len(train_loader), cfg.train.batch_size * world_size)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.train.accumulation_steps)
-    total_steps = steps_per_epoch * cfg.train.epochs
+    total_steps = schedule.optimizer_steps(cfg.train.accumulation_steps)
     warmup_steps = round(cfg.optimizer.warmup_epochs * steps_per_epoch)
 
     def lr_for_step(step: int) -> float:
@@ -422,47 +513,34 @@ def fit(
     def checkpoint_state() -> dict[str, Any]:
         """Every rank calls this (it gathers each rank's RNG state); rank 0 saves it."""
         rng = _rng_states(rt)
+        mid_group = state.batch % cfg.train.accumulation_steps != 0
         return {
             "config": cfg.to_dict(),
             "model": _unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "epoch": state.epoch,
+            "batch": state.batch,
             "step": state.step,
             "samples_seen": state.samples_seen,
+            "evaluated_at": state.evaluated_at,
             "history": state.history,
             "best": state.best,
+            "group_gradients": _group_gradients(_unwrap(model), rt) if mid_group else None,
             "rng": rng,  # one state per rank
         }
 
     checkpoints = out_dir / "checkpoints"
-    while state.epoch < cfg.train.epochs:
-        set_epoch(train_loader, state.epoch)
-        epoch_start = time.perf_counter()
-        loss = train_one_epoch(
-            step_model, train_loader, optimizer, scaler, loss_fn, rt, cfg, state, lr_for_step, progress
-        )
-        state.epoch += 1
-        throughput = len(train_loader) * cfg.train.batch_size * world_size / (time.perf_counter() - epoch_start)
-        if rank == 0:
-            log.info(
-                "epoch %d/%d  loss %.5f  lr %.2e  %.0f img/s",
-                state.epoch,
-                cfg.train.epochs,
-                loss,
-                lr_for_step(max(0, state.step - 1)),
-                throughput,
-            )
-        evaluating = state.epoch % cfg.val.eval_freq == 0 or state.epoch == cfg.train.epochs
-        if not evaluating:
-            if state.epoch % cfg.checkpoint.save_frequency == 0:
-                snapshot = checkpoint_state()
-                if rank == 0:
-                    save_checkpoint(snapshot, checkpoints / "last.pt")
-            continue
+    since = (time.perf_counter(), state.samples_seen)  # training time and samples since the last evaluation
+
+    def evaluate_and_save(train_loss: float) -> None:
+        nonlocal since
+        throughput = (state.samples_seen - since[1]) / (time.perf_counter() - since[0])
         metrics = evaluate(model, val_set, cfg.val.batch_size, rt)
-        record = {"epoch": state.epoch, "samples_seen": state.samples_seen, "train_loss": loss, **metrics}
-        record["train_images_per_s"] = throughput  # this epoch's training throughput, all ranks
+        state.evaluated_at = state.samples_seen
+        epoch = state.epoch if state.batch == 0 else round(state.epoch + state.batch / len(train_loader), 3)
+        record = {"epoch": epoch, "samples_seen": state.samples_seen, "train_loss": train_loss, **metrics}
+        record["train_images_per_s"] = throughput  # training throughput since the last evaluation, all ranks
         monitor = cfg.checkpoint.monitor
         best_value = None if state.best is None else state.best[monitor]
         is_best = better(metrics[monitor], best_value, metric_mode(monitor))
@@ -470,7 +548,7 @@ def fit(
         state.best = record if is_best else state.best
         snapshot = checkpoint_state()
         if rank == 0:
-            log.info("eval epoch %d: %s", state.epoch, format_metrics(metrics))
+            log.info("eval at %s samples (epoch %s): %s", f"{state.samples_seen:,}", epoch, format_metrics(metrics))
             save_checkpoint(snapshot, checkpoints / "last.pt")
             if is_best:
                 save_checkpoint(snapshot, checkpoints / "best.pt")
@@ -479,9 +557,49 @@ def fit(
             )
         if on_evaluation:
             on_evaluation(
-                Evaluation(state.epoch, state.samples_seen, metrics, is_best, checkpoints, out_dir, loss, throughput)
+                Evaluation(epoch, state.samples_seen, metrics, is_best, checkpoints, out_dir, train_loss, throughput)
             )
+        since = (time.perf_counter(), state.samples_seen)
+
+    while state.epoch < schedule.epochs:
+        set_epoch(train_loader, state.epoch, skip_batches=state.batch)
+        epoch_start, epoch_samples = time.perf_counter(), state.samples_seen
+        batches = schedule.epoch_batches(state.epoch)
+        for loss in train_batches(
+            step_model, train_loader, optimizer, scaler, loss_fn, rt, cfg, state, lr_for_step, progress, batches
+        ):
+            if schedule.evaluation_due(state):
+                loss.check(rt, state)  # never evaluate (or report) a diverged model
+                evaluate_and_save(loss.mean())
+        if rank == 0:
+            log.info(
+                "epoch %d/%d  loss %.5f  lr %.2e  %.0f img/s",
+                state.epoch,
+                schedule.epochs,
+                loss.mean(),
+                lr_for_step(max(0, state.step - 1)),
+                (state.samples_seen - epoch_samples) / (time.perf_counter() - epoch_start),
+            )
+        if state.evaluated_at != state.samples_seen and state.epoch % cfg.checkpoint.save_frequency == 0:
+            snapshot = checkpoint_state()
+            if rank == 0:
+                save_checkpoint(snapshot, checkpoints / "last.pt")
     return FitResult(out_dir, state.best or {}, state.history)
+
+
+def _group_gradients(model: nn.Module, rt: Runtime) -> list[torch.Tensor | None]:
+    """The gradients of an unfinished accumulation group, for a checkpoint taken mid-group.
+
+    Each rank's are replaced by the mean over ranks, in place: the group's update averages
+    every rank's sum anyway (DDP, at the group's last batch), so training on, or resuming
+    every rank from this one copy, gives the same update."""
+    grads = []
+    for p in model.parameters():
+        if p.grad is not None and rt.world_size > 1:
+            torch.distributed.all_reduce(p.grad)  # a sum: gloo has no average
+            p.grad /= rt.world_size
+        grads.append(None if p.grad is None else p.grad.detach().cpu())
+    return grads
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -498,11 +616,22 @@ def _resume(path: str, model: nn.Module, optimizer, scaler, rank: int = 0) -> Tr
         raise ConfigError(f"checkpoint.resume {path} holds a different model ({backbone}): {first_line}") from None
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
+    if saved.get("group_gradients"):  # saved inside an accumulation group
+        for p, grad in zip(model.parameters(), saved["group_gradients"], strict=True):
+            p.grad = None if grad is None else grad.to(p.device)
     rng = saved["rng"]
     rng = rng if isinstance(rng, dict) else rng[rank] if rank < len(rng) else None  # per rank since v2
     if rng is not None:  # a rank the saved run did not have keeps its fresh seed
         _restore_rng(rng)
-    return TrainState(saved["epoch"], saved["step"], saved["samples_seen"], saved["history"], saved["best"])
+    return TrainState(
+        epoch=saved["epoch"],
+        batch=saved.get("batch", 0),  # since v3: mid-epoch checkpoints
+        step=saved["step"],
+        samples_seen=saved["samples_seen"],
+        evaluated_at=saved.get("evaluated_at", saved["history"][-1]["samples_seen"] if saved["history"] else 0),
+        history=saved["history"],
+        best=saved["best"],
+    )
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

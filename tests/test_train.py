@@ -117,6 +117,52 @@ def test_resume_ends_where_an_uninterrupted_run_would(synth_small, tmp_path):
         assert torch.equal(value, b["model"][key]), key
 
 
+def test_evaluations_at_sample_milestones_whatever_the_batch_size(synth_small, tmp_path):
+    """val.eval_every_samples: two batch sizes evaluate at the same sample counts (mid-epoch
+    here, the epoch being 96 samples), and train.max_samples ends both at the same count."""
+    for batch in (16, 32):
+        result = fit(
+            tiny_config(
+                synth_small,
+                tmp_path / f"b{batch}",
+                f"train.batch_size={batch}",
+                "train.epochs=10",
+                "train.max_samples=192",
+                "val.eval_every_samples=64",
+            )
+        )
+        assert [h["samples_seen"] for h in result.history] == [64, 128, 192], batch
+        assert [h["epoch"] for h in result.history] == [0.667, 1.333, 2], batch
+
+
+def test_resume_from_a_mid_epoch_checkpoint(synth_small, tmp_path):
+    """A checkpoint inside an epoch and inside an accumulation group (4 batches done, groups
+    of 3) keeps the group's gradients so far, and ends where an uninterrupted run would."""
+    settings = ["train.accumulation_steps=3", "val.eval_every_samples=32", "train.max_samples=160"]
+    straight = fit(tiny_config(synth_small, tmp_path / "a", *settings))
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_64(evaluation):
+        if evaluation.samples_seen == 64:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(tiny_config(synth_small, tmp_path / "b", *settings), on_evaluation=crash_at_64)
+    last = tmp_path / "b" / "checkpoints" / "last.pt"
+    saved = load_checkpoint(last)
+    assert (saved["epoch"], saved["batch"], saved["samples_seen"], saved["evaluated_at"]) == (0, 4, 64, 64)
+    assert saved["group_gradients"] is not None  # the group's first batch, kept for its update
+    resumed = fit(tiny_config(synth_small, tmp_path / "b", *settings, f"checkpoint.resume={last}"))
+
+    def without_timing(history):  # train_loss: the mean since the epoch's start in this process
+        return [{k: v for k, v in r.items() if k not in ("train_images_per_s", "train_loss")} for r in history]
+
+    assert [h["samples_seen"] for h in resumed.history] == [32, 64, 96, 128, 160]
+    assert without_timing(resumed.history) == without_timing(straight.history)
+
+
 def test_gradient_accumulation_equals_one_big_batch(synth_small):
     """Batch 8 x 1 step and batch 4 x 2 accumulated give the same update (no BatchNorm here)."""
     cfg = tiny_config(synth_small, "unused", "train.sample_size=8")
