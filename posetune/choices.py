@@ -26,6 +26,7 @@ BACKBONES = (
 ORIENTATION_LOSSES = ("geodesic", "mse", "sign_invariant")
 SCHEDULES = ("constant", "cosine", "linear")
 SEARCHERS = ("cmaes", "gp", "qmc", "random", "tpe")  # Optuna samplers (posetune.searchers.SAMPLERS)
+SCHEDULERS = ("asha", "fifo")  # Tune trial schedulers (posetune.searchers.SCHEDULERS)
 METRIC_NAMES = (
     "translation_mse",
     "translation_error_cm",

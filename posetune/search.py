@@ -46,7 +46,7 @@ from posetune.results import (
     summary_lines,
 )
 from posetune.searchers import MODEL_BASED, build_scheduler, build_searcher
-from posetune.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, used_values
+from posetune.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, eval_milestone, used_values
 from posetune.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
 
 log = logging.getLogger(__name__)
@@ -244,8 +244,14 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
         f"trials: {s.num_samples} ({s.searcher} searcher, seed {s.seed}, {len(s.points_to_evaluate)} initial point(s)"
         + (f", {s.resolved_startup_trials} random start-up trial(s))" if s.searcher in MODEL_BASED else ")"),
         f"objective: {s.resolved_mode} {s.metric}",
-        f"ASHA on samples seen: budget {s.asha.max_samples:,}, grace {s.asha.grace_samples:,}, "
-        f"reduction factor {s.asha.reduction_factor:g}",
+        (
+            f"ASHA on samples seen: budget {s.asha.max_samples:,}, rungs at "
+            + ", ".join(f"{rung:,.0f}" for rung in s.asha.rungs())
+            + f" (reduction factor {s.asha.reduction_factor:g})"
+            if s.scheduler == "asha"
+            else f"no early stopping (fifo): every trial trains {s.asha.max_samples:,} samples"
+        ),
+        f"evaluations every {eval_milestone(space, base):,} samples, the same for every trial",
         f"per trial: {r.workers_per_trial} worker(s) x {r.cpus_per_worker:g} CPU"
         + (f" x {plan.gpus_per_worker:g} GPU" if plan and plan.use_gpu else ""),
     ]

@@ -2,7 +2,7 @@
 
 Searcher: an Optuna sampler (TPE by default; random, GP, CMA-ES, QMC) through Ray's OptunaSearch, with
 a define-by-run space (conditional parameters). Scheduler: ASHA on *training samples seen*, so
-trials with different batch sizes are stopped at equal compute. A trial that ASHA stops is
+trials with different batch sizes are stopped at equal compute (or FIFO: no early stopping). A trial that ASHA stops is
 told to Optuna as PRUNED (``BudgetAwareOptunaSearch``), never as a finished trial with an
 under-trained score.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from posetune import internals
@@ -96,7 +96,7 @@ def build_searcher(space: SearchSpace) -> BudgetAwareOptunaSearch:
     )
 
 
-def build_scheduler(space: SearchSpace) -> ASHAScheduler:
+def _asha(space: SearchSpace) -> TrialScheduler:
     asha = space.search.asha
     return ASHAScheduler(
         time_attr="samples_seen",
@@ -104,3 +104,14 @@ def build_scheduler(space: SearchSpace) -> ASHAScheduler:
         grace_period=asha.grace_samples,
         reduction_factor=asha.reduction_factor,
     )
+
+
+# search.scheduler: names are posetune.choices.SCHEDULERS (a test keeps the two equal).
+SCHEDULERS: dict[str, Callable[[SearchSpace], TrialScheduler]] = {
+    "asha": _asha,
+    "fifo": lambda space: FIFOScheduler(),  # no early stopping: every trial trains its whole budget
+}
+
+
+def build_scheduler(space: SearchSpace) -> TrialScheduler:
+    return SCHEDULERS[space.search.scheduler](space)

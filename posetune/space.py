@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from posetune import storage
-from posetune.choices import METRIC_NAMES, SEARCHERS, check_choice, did_you_mean, metric_mode
+from posetune.choices import METRIC_NAMES, SCHEDULERS, SEARCHERS, check_choice, did_you_mean, metric_mode
 from posetune.config import (
     Config,
     TrackingConfig,
@@ -81,11 +81,18 @@ class Base(_Strict):
 
 
 class Asha(_Strict):
-    """ASHA on training samples seen, so trials with different batch sizes get equal compute."""
+    """ASHA on training samples seen, so trials with different batch sizes get equal compute.
+    Every trial evaluates at the same sample milestones (val.eval_every_samples, by default
+    grace_samples), and every rung is one of them."""
 
     max_samples: int = Field(gt=0)  # budget of a trial that is never stopped
     grace_samples: int = Field(gt=0)  # no trial is stopped before this
     reduction_factor: float = Field(3.0, gt=1)
+
+    def rungs(self) -> list[float]:
+        """Where ASHA judges trials: grace x factor^k up to max_samples (as Ray's ASHA)."""
+        count = int(math.log(self.max_samples / self.grace_samples) / math.log(self.reduction_factor) + 1)
+        return [self.grace_samples * self.reduction_factor**k for k in range(count)]
 
 
 class SearchSettings(_Strict):
@@ -95,6 +102,7 @@ class SearchSettings(_Strict):
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster fits
     seed: int = 0
     searcher: str = "tpe"
+    scheduler: str = "asha"  # fifo: every trial trains to asha.max_samples (a plain sweep)
     startup_trials: int | Literal["auto"] = "auto"  # random trials before TPE/GP/CMA-ES model the results
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
     asha: Asha
@@ -103,6 +111,11 @@ class SearchSettings(_Strict):
     @classmethod
     def _check_searcher(cls, value: str) -> str:
         return check_choice(value, SEARCHERS)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _check_scheduler(cls, value: str) -> str:
+        return check_choice(value, SCHEDULERS)
 
     @field_validator("startup_trials")
     @classmethod
@@ -189,6 +202,8 @@ def load_space(path: str | Path, overrides: list[str] = (), name: str | None = N
     base_cfg = _check_base(space, path, config_overrides, problems)
     _check_parameters(space, base_cfg, problems)
     _check_search(space, problems)
+    if base_cfg is not None and not problems:
+        _check_milestones(space, base_cfg, problems)
     if problems:
         raise ConfigError(f"invalid search space {path}:\n  " + "\n  ".join(problems))
     return space, base_cfg
@@ -367,6 +382,43 @@ def _check_search(space: SearchSpace, problems: list[str]) -> None:
                 problems.append(f"search.points_to_evaluate[{n}].{key}: not a declared parameter")
             elif not _within(p, value):
                 problems.append(f"search.points_to_evaluate[{n}].{key} = {value!r} is outside its distribution")
+
+
+def eval_milestone(space: SearchSpace, base_cfg: Config) -> int:
+    """Every trial evaluates each this many samples: val.eval_every_samples if the base sets
+    it, else ASHA's grace period (its first rung, so that every rung is a milestone)."""
+    return base_cfg.val.eval_every_samples or space.search.asha.grace_samples
+
+
+def _check_milestones(space: SearchSpace, base_cfg: Config, problems: list[str]) -> None:
+    """Equal compute: every trial, whatever its batch size, reaches each milestone exactly
+    (a whole number of batches x workers), and ASHA's rungs and the budget are milestones."""
+    every, asha = eval_milestone(space, base_cfg), space.search.asha
+    source = "val.eval_every_samples" if base_cfg.val.eval_every_samples else "search.asha.grace_samples"
+    batch = space.parameters.get("train.batch_size")
+    sizes = [int(b) for b in batch.candidates()] if batch else [base_cfg.train.batch_size]
+    if batch and batch.distribution not in ("choice", "fixed"):
+        sizes = list(range(int(batch.low), int(batch.high) + 1, int(batch.step or 1)))
+    workers = space.resources.workers_per_trial
+    step = math.lcm(*sizes) * workers
+    if every % step:
+        problems.append(
+            f"{source} = {every:,}: every trial must reach each evaluation milestone exactly, so it "
+            f"must be a multiple of {step:,} (train.batch_size {sizes} x {workers} worker(s)); "
+            f"try {max(step, every // step * step):,}"
+        )
+        return
+    if asha.max_samples % every:
+        problems.append(
+            f"search.asha.max_samples = {asha.max_samples:,} must be a multiple of {source} = {every:,} "
+            "(a trial's last evaluation is at its budget)"
+        )
+    bad = [rung for rung in asha.rungs() if rung != int(rung) or int(rung) % every]
+    if bad:
+        problems.append(
+            f"search.asha: the rung at {bad[0]:,.6g} samples (grace_samples x reduction_factor^k) is not a "
+            f"multiple of {source} = {every:,}: ASHA would judge trials between evaluations"
+        )
 
 
 def _within(p: Parameter, value: Any) -> bool:

@@ -26,7 +26,7 @@ from posetune import storage
 from posetune.choices import diverged_result
 from posetune.config import Config, config_from_dict
 from posetune.placement import ResourcePlan
-from posetune.space import SearchSpace, trial_config
+from posetune.space import SearchSpace, eval_milestone, trial_config
 from posetune.train import TrainingDiverged, fit
 
 WORKER_RESTARTS = 2  # per trial, from the latest checkpoint
@@ -55,9 +55,12 @@ def epochs_for_budget(cfg: Config, train_size: int, workers: int, max_samples: i
 
 
 def build_trial_config(setup: TrialSetup, params: dict[str, Any]) -> Config:
-    cfg = trial_config(setup.space, config_from_dict(setup.base), params)
-    workers = setup.space.resources.workers_per_trial
-    cfg.train.epochs = epochs_for_budget(cfg, setup.train_size, workers, setup.space.search.asha.max_samples)
+    base = config_from_dict(setup.base)
+    cfg = trial_config(setup.space, base, params)
+    workers, budget = setup.space.resources.workers_per_trial, setup.space.search.asha.max_samples
+    cfg.train.epochs = epochs_for_budget(cfg, setup.train_size, workers, budget)
+    cfg.train.max_samples = budget  # ends at the budget exactly, mid-epoch if need be
+    cfg.val.eval_every_samples = eval_milestone(setup.space, base)  # the milestones every trial shares
     cfg.checkpoint.monitor = setup.space.search.metric  # best.pt: the trial's best by the search's metric
     cfg.system.progress = False
     return cfg

@@ -4,7 +4,7 @@ from posetune import choices
 from posetune.losses import ORIENTATION_LOSSES, list_orientation_losses
 from posetune.metrics import pose_metrics
 from posetune.model import BACKBONES, list_backbones
-from posetune.searchers import SAMPLERS, list_samplers
+from posetune.searchers import SAMPLERS, SCHEDULERS, list_samplers
 from posetune.train import SCHEDULES, list_schedules
 
 
@@ -13,6 +13,7 @@ def test_choices_match_the_registries():
     assert sorted(choices.ORIENTATION_LOSSES) == list_orientation_losses() == sorted(ORIENTATION_LOSSES)
     assert sorted(choices.SCHEDULES) == list_schedules() == sorted(SCHEDULES)
     assert sorted(choices.SEARCHERS) == list_samplers() == sorted(SAMPLERS)
+    assert sorted(choices.SCHEDULERS) == sorted(SCHEDULERS)
 
 
 def test_metric_names_are_what_pose_metrics_returns():

@@ -22,7 +22,7 @@ SPACE = {
         },
         "model.backbone": {"distribution": "fixed", "value": "resnet18"},
     },
-    "search": {"num_samples": 4, "asha": {"max_samples": 1000, "grace_samples": 100}},
+    "search": {"num_samples": 4, "asha": {"max_samples": 960, "grace_samples": 96}},
     "storage": {"name": "t"},
 }
 
@@ -98,6 +98,19 @@ def test_valid_space_and_overrides(tmp_path):
         ),
         ({"search/metric": "accuracy"}, r"search\.metric = 'accuracy' is not a metric"),
         ({"search/asha/grace_samples": 5000}, r"grace_samples = 5000 must be <= max_samples"),
+        # Equal compute: every batch size reaches each evaluation milestone, and ASHA's rungs
+        # and the budget are milestones.
+        (
+            {"search/asha/grace_samples": 100},
+            r"search\.asha\.grace_samples = 100: every trial must reach each evaluation milestone exactly, "
+            r"so it must be a multiple of 16 \(train\.batch_size \[8, 16\] x 1 worker\(s\)\); try 96",
+        ),
+        (
+            {"base/overrides": {"dataset.root": "DATA", "val.eval_every_samples": 64}},
+            r"the rung at 96 samples .* is not a multiple of val\.eval_every_samples = 64",
+        ),
+        ({"search/asha/max_samples": 1000}, r"max_samples = 1,000 must be a multiple of search\.asha\.grace_samples"),
+        ({"search/scheduler": "hyperband"}, r"search\.scheduler = 'hyperband': is not known; choose one of: asha"),
         (
             {"search/points_to_evaluate": [{"optimizer.lr": 5.0}]},
             r"points_to_evaluate\[0\]\.optimizer\.lr = 5\.0 is outside",
