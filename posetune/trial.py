@@ -55,13 +55,18 @@ def epochs_for_budget(cfg: Config, train_size: int, workers: int, max_samples: i
 
 
 def build_trial_config(setup: TrialSetup, params: dict[str, Any]) -> Config:
-    base = config_from_dict(setup.base)
-    cfg = trial_config(setup.space, base, params)
-    workers, budget = setup.space.resources.workers_per_trial, setup.space.search.asha.max_samples
-    cfg.train.epochs = epochs_for_budget(cfg, setup.train_size, workers, budget)
+    return budget_config(setup.space, config_from_dict(setup.base), setup.train_size, params)
+
+
+def budget_config(space: SearchSpace, base: Config, train_size: int, params: dict[str, Any]) -> Config:
+    """The Config a trial trains: sampled values on the base, the search's sample budget and
+    evaluation milestones, its metric picking best.pt."""
+    cfg = trial_config(space, base, params)
+    workers, budget = space.resources.workers_per_trial, space.search.asha.max_samples
+    cfg.train.epochs = epochs_for_budget(cfg, train_size, workers, budget)
     cfg.train.max_samples = budget  # ends at the budget exactly, mid-epoch if need be
-    cfg.val.eval_every_samples = eval_milestone(setup.space, base)  # the milestones every trial shares
-    cfg.checkpoint.monitor = setup.space.search.metric  # best.pt: the trial's best by the search's metric
+    cfg.val.eval_every_samples = eval_milestone(space, base)  # the milestones every trial shares
+    cfg.checkpoint.monitor = space.search.metric  # best.pt: the trial's best by the search's metric
     cfg.system.progress = False
     return cfg
 

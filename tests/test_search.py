@@ -34,7 +34,21 @@ def test_connects_to_the_running_cluster(ray_cluster):
 
 
 def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys, caplog):
-    space, base = load_space(tiny_space(tmp_path, synth_small, resources__prices={"CPU": 0.05}))
+    """Also equal compute: batch sizes 16 and 32 on 96-frame epochs are evaluated, and judged
+    by ASHA, at the same sample counts (64, 128, 192, 256: mid-epoch), rungs at 64 and 128."""
+    path = tiny_space(
+        tmp_path,
+        synth_small,
+        resources__prices={"CPU": 0.05},
+        search__points_to_evaluate=[
+            {"optimizer.lr": 3e-3, "train.beta_loss": 1.0, "train.batch_size": 16},
+            {"optimizer.lr": 1e-4, "train.beta_loss": 1.0, "train.batch_size": 32},
+            {"optimizer.lr": 2e-3, "train.beta_loss": 1.0, "train.batch_size": 32},
+        ],
+        search__asha={"max_samples": 256, "grace_samples": 64, "reduction_factor": 2},
+        **{"parameters__train.batch_size": {"distribution": "choice", "values": [16, 32]}},
+    )
+    space, base = load_space(path)
     with caplog.at_level(logging.INFO, logger="posetune"):
         summary = run_search(space, base)
     lines = [record.getMessage() for record in caplog.records]  # progress goes through logging
@@ -45,8 +59,15 @@ def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys, caplog):
     assert set(statuses) <= {"completed", "stopped_early"}
     assert statuses.count("stopped_early") >= 1 and statuses.count("completed") >= 1
     for r in records:  # every trial's metrics reached Tune
-        assert r["samples_seen"] >= 96 and "pose_error" in r["metrics"] and "orientation_error_deg" in r["metrics"]
-        assert (r["status"] == "completed") == (r["samples_seen"] >= 384)
+        assert r["samples_seen"] >= 64 and "pose_error" in r["metrics"] and "orientation_error_deg" in r["metrics"]
+        assert (r["status"] == "completed") == (r["samples_seen"] == 256)
+    assert {r["params"]["train.batch_size"] for r in records} == {16, 32}
+    # Equal compute: every trial reported at the shared milestones, whatever its batch size,
+    # and those ASHA stopped were stopped at a rung.
+    for trial_dir in (tmp_path / "runs" / "t" / "tune").glob("trial-*"):
+        seen = [json.loads(line)["samples_seen"] for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert seen == [64, 128, 192, 256][: len(seen)], (trial_dir.name, seen)
+    assert {r["samples_seen"] for r in records if r["status"] == "stopped_early"} <= {64, 128}
     assert any("stopped early" in line for line in lines) and any("best " in line for line in lines)
 
     # What the trials' workers held: 0.95 CPU each while they ran, one at a time, so never more

@@ -1,0 +1,431 @@
+"""Search efficiency: posetune's search against random search, at the same budget in samples.
+
+    python benchmarks/search_efficiency.py record [--configs 64] [--processes 2]   # ~1 h on 2 cores
+    python benchmarks/search_efficiency.py replay [--seeds 20]                     # minutes
+    python benchmarks/search_efficiency.py check                                   # two real searches
+
+Real training at the scale of many searches does not fit on a laptop, so this records once
+and replays many times (a tabular benchmark):
+
+1. record: trains configurations of benchmarks/search_efficiency.yaml (a scrambled Sobol design
+   from posetune's `qmc` sampler) to the full budget with posetune's own trial config and
+   `fit`, one CPU thread each, and writes every evaluation (the search metric at each
+   milestone and the training seconds before it) to benchmarks/results/
+   search_efficiency_recording.json. A diverged configuration is recorded up to where it
+   diverged. Re-running continues an interrupted recording.
+2. replay: runs each strategy with posetune's searcher and scheduler classes (those `posetune
+   search` builds) on a simulated clock: `concurrency` trials at a time, each advancing by its
+   recorded training seconds per evaluation, until the search has spent its budget in
+   training samples. A sampled configuration trains as the *nearest recorded* one: the same
+   batch size and schedule, then the smallest distance in log learning rate and log
+   beta_loss, each scaled to its range.
+3. check: one real `posetune search` of strategies posetune and random at a smaller budget,
+   to compare with the replay's spread at that budget.
+
+Strategies (same budget, same concurrency): posetune (TPE + ASHA, stopped trials told to
+Optuna as pruned), random (no early stopping: a plain sweep), tpe (no early stopping),
+random_asha, tpe_asha_complete (TPE + ASHA with stopped trials told as complete with their
+partial score, as Ray's stock OptunaSearch does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import concurrent.futures
+import heapq
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SPACE_FILE = REPO / "benchmarks" / "search_efficiency.yaml"
+RECORDING = RESULTS / "search_efficiency_recording.json"
+PARTS = RESULTS / "search_efficiency_recording.parts"  # one file per configuration while recording
+
+
+# --- record -------------------------------------------------------------------------------------
+
+
+def design(count: int) -> list[dict]:
+    """`count` configurations of the benchmark's space from posetune's `qmc` sampler (scrambled
+    Sobol): spread evenly, unlike random draws, so that the replay's lookups stay close."""
+    from posetune.searchers import SAMPLERS
+    from posetune.space import DefineByRun, load_space
+
+    space, _ = load_space(SPACE_FILE)
+    settings = space.search.model_copy(update={"searcher": "qmc", "seed": 0})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=SAMPLERS["qmc"](settings))
+    sample = DefineByRun(space)
+    configs = []
+    for _ in range(count):
+        trial = study.ask()
+        sample(trial)
+        configs.append(dict(trial.params))
+        study.tell(trial, 0.0)
+    return configs
+
+
+def record_one(job: tuple[int, dict]) -> dict:
+    """Train one configuration to the full budget (in a worker process, one thread)."""
+    import torch
+
+    from posetune.search import absolute_paths, ensure_dataset
+    from posetune.space import load_space
+    from posetune.train import TrainingDiverged, fit
+    from posetune.trial import budget_config
+
+    index, params = job
+    torch.set_num_threads(1)
+    space, base = load_space(SPACE_FILE)
+    base = absolute_paths(base)
+    cfg = budget_config(space, base, ensure_dataset(space, base), params)
+    cfg.dataset.num_workers = 0  # batches made in this process: one thread per configuration
+    metric = space.search.metric
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"posetune-record-{os.getpid()}-{index}"
+    cfg.system.out_dir = str(out)
+    curve: list[dict] = []
+    start = time.perf_counter()
+
+    def on_evaluation(evaluation) -> None:  # seconds: wall time from the start (training, evaluations, saves)
+        seconds = round(time.perf_counter() - start, 2)
+        curve.append({"samples": evaluation.samples_seen, metric: evaluation.metrics[metric], "seconds": seconds})
+
+    diverged = None
+    try:
+        fit(cfg, on_evaluation=on_evaluation, progress=False)
+    except TrainingDiverged as exc:
+        diverged = exc.samples_seen
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    entry = {"index": index, "params": params, "curve": curve, "diverged_at": diverged}
+    part = PARTS / f"{index:03d}.json"
+    part.write_text(json.dumps(entry))
+    return entry
+
+
+def record(count: int, processes: int) -> None:
+    from posetune.data import load_split
+    from posetune.search import absolute_paths, ensure_dataset
+    from posetune.space import load_space
+
+    space, base = load_space(SPACE_FILE)
+    base = absolute_paths(base)
+    ensure_dataset(space, base)  # generated and cached once, before the workers start
+    for split in (base.dataset.train_split, base.dataset.val_split):
+        load_split(base, split)
+    PARTS.mkdir(parents=True, exist_ok=True)
+    jobs = [(i, params) for i, params in enumerate(design(count)) if not (PARTS / f"{i:03d}.json").exists()]
+    print(f"recording {len(jobs)} of {count} configurations in {processes} processes", file=sys.stderr)
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        futures = [pool.submit(record_one, job) for job in jobs]
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            entry = future.result()
+            best = min((p[space.search.metric] for p in entry["curve"]), default=float("nan"))
+            print(
+                f"[{done}/{len(jobs)}] config {entry['index']}: best {space.search.metric} {best:.4g}"
+                + (f", diverged at {entry['diverged_at']:,}" if entry["diverged_at"] is not None else "")
+                + f"  ({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+            )
+    entries = [json.loads(p.read_text()) for p in sorted(PARTS.glob("*.json"))]
+    RECORDING.write_text(
+        json.dumps(
+            {
+                "how": (
+                    f"benchmarks/search_efficiency.py record: {len(entries)} configurations of "
+                    "benchmarks/search_efficiency.yaml (posetune's qmc sampler, seed 0), each trained "
+                    "to search.asha.max_samples with posetune.trial.budget_config and posetune.train.fit, "
+                    f"one CPU thread each, {processes} at a time"
+                ),
+                "machine": f"{os.cpu_count()} CPUs, torch threads 1 per configuration",
+                "space": SPACE_FILE.name,
+                "metric": space.search.metric,
+                "budget_samples": space.search.asha.max_samples,
+                "configs": entries,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {RECORDING}", file=sys.stderr)
+
+
+# --- replay -------------------------------------------------------------------------------------
+
+STRATEGIES = {  # name -> (searcher, scheduler, how a stopped trial is told to Optuna)
+    "posetune": ("tpe", "asha", "pruned"),
+    "random": ("random", "fifo", "pruned"),
+    "tpe": ("tpe", "fifo", "pruned"),
+    "random_asha": ("random", "asha", "pruned"),
+    "tpe_asha_complete": ("tpe", "asha", "complete"),
+}
+
+
+class Recording:
+    """The recorded curves, and which one a sampled configuration trains as."""
+
+    def __init__(self, data: dict, space):
+        self.configs = data["configs"]
+        self.metric = data["metric"]
+        self.parameters = space.parameters
+        ends = [entry["curve"][-1] for entry in self.configs if entry["curve"]]
+        self.seconds_per_sample = sum(end["seconds"] for end in ends) / sum(end["samples"] for end in ends)
+
+    def nearest(self, params: dict) -> dict:
+        """The same choice values where possible, then the nearest continuous values, each
+        distance scaled to its parameter's range (log ranges for log distributions)."""
+        return min(self.configs, key=lambda entry: self._distance(params, entry["params"]))
+
+    def _distance(self, a: dict, b: dict) -> float:
+        total = 0.0
+        for key, p in self.parameters.items():
+            x, y = a.get(key), b.get(key)
+            if p.distribution in ("choice", "fixed"):
+                total += 0.0 if x == y else 100.0
+            elif x is not None and y is not None:
+                log = p.distribution == "loguniform" or p.log
+                span = math.log(p.high / p.low) if log else p.high - p.low
+                total += ((math.log(x / y) if log else x - y) / span) ** 2
+        return total
+
+
+@dataclass
+class Trace:
+    """One replayed search: (samples spent, best metric so far) after every evaluation."""
+
+    spent: list[int] = field(default_factory=list)
+    best: list[float] = field(default_factory=list)
+    trials: int = 0
+    ended: list[int] = field(default_factory=list)  # samples at which each ended trial stopped
+    told: dict[str, int] = field(default_factory=dict)  # Optuna trial states, counted
+
+    def best_at(self, budget: float) -> float:
+        i = bisect.bisect_right(self.spent, budget) - 1
+        return self.best[i] if i >= 0 else math.inf
+
+    def budget_to_reach(self, target: float) -> float:
+        return next((spent for spent, best in zip(self.spent, self.best, strict=True) if best <= target), math.inf)
+
+
+def replay(recording: Recording, strategy: str, seed: int, budget: int, concurrency: int) -> Trace:
+    """One search on a simulated clock, driven like Tune drives posetune's searcher and
+    scheduler (posetune.searchers.build_searcher / build_scheduler)."""
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from posetune import internals
+    from posetune.choices import diverged_result
+    from posetune.searchers import SAMPLERS, build_scheduler, build_searcher
+    from posetune.space import DefineByRun, load_space
+
+    searcher_name, scheduler_name, told = STRATEGIES[strategy]
+    full_trials = budget // recording_budget(recording)
+    space, _ = load_space(
+        SPACE_FILE,
+        [
+            f"search.searcher={searcher_name}",
+            f"search.scheduler={scheduler_name}",
+            f"search.seed={seed}",
+            f"search.num_samples={full_trials}",  # the sweep this budget buys: sets TPE's start-up trials
+        ],
+    )
+    s = space.search
+    if told == "pruned":
+        searcher = build_searcher(space)
+    else:  # Ray's stock OptunaSearch: a stopped trial is told COMPLETE with its last score
+        searcher = OptunaSearch(
+            space=DefineByRun(space), metric=s.metric, mode=s.resolved_mode, sampler=SAMPLERS["tpe"](s)
+        )
+    scheduler = build_scheduler(space)
+    scheduler.set_search_properties(s.metric, s.resolved_mode)
+    np.random.seed(seed)  # ASHA picks a bracket with numpy's global generator
+
+    trace, spent, best = Trace(), 0, math.inf
+    running: list[tuple[float, int, str, int]] = []  # (time of next report, tiebreak, trial id, report index)
+    curves: dict[str, list[dict]] = {}
+    count = 0
+
+    def start(now: float) -> None:
+        nonlocal count
+        trial_id = f"t{count:04d}"
+        count += 1
+        params = searcher.suggest(trial_id)
+        entry = recording.nearest(params)
+        curve = [dict(point) for point in entry["curve"]]
+        if entry["diverged_at"] is not None:  # it reports its worst score where it diverged
+            seconds = curve[-1]["seconds"] if curve else 0.0
+            curve.append(
+                {**diverged_result(s.metric, s.resolved_mode, "diverged", entry["diverged_at"]), "seconds": seconds}
+            )
+            curve[-1]["samples"] = entry["diverged_at"]
+        for k, point in enumerate(curve):
+            point["start"] = now
+            point["training_iteration"] = k + 1
+        curves[trial_id] = curve
+        scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+        heapq.heappush(running, (now + curve[0]["seconds"], count, trial_id, 0))
+
+    for _ in range(concurrency):
+        start(0.0)
+    while running and spent < budget:
+        now, _, trial_id, k = heapq.heappop(running)
+        curve = curves[trial_id]
+        point = curve[k]
+        spent += point["samples"] - (curve[k - 1]["samples"] if k else 0)
+        result = {s.metric: point[s.metric], "samples_seen": point["samples"], "training_iteration": k + 1}
+        if "diverged" in point:
+            result["diverged"] = 1
+        else:
+            best = min(best, point[s.metric])
+        trace.spent.append(spent)
+        trace.best.append(best)
+        trial = SimpleNamespace(trial_id=trial_id)
+        decision = scheduler.on_trial_result(None, trial, result)
+        last = k == len(curve) - 1
+        if decision != TrialScheduler.STOP:
+            searcher.on_trial_result(trial_id, result)
+        if decision == TrialScheduler.STOP or last:
+            scheduler.on_trial_complete(None, trial, result)
+            searcher.on_trial_complete(trial_id, result)
+            trace.ended.append(point["samples"])
+            if spent < budget:
+                start(now)
+        else:
+            heapq.heappush(running, (point["start"] + curve[k + 1]["seconds"], count, trial_id, k + 1))
+    trace.trials = count
+    trace.told = dict(collections.Counter(t.state.name for t in internals.searcher_study(searcher).trials))
+    return trace
+
+
+def recording_budget(recording: Recording) -> int:
+    return max(point["samples"] for entry in recording.configs for point in entry["curve"])
+
+
+def summarise(traces: dict[str, list[Trace]], budget: int) -> dict:
+    """Each strategy's median budget to reach random search's median final best, its ratio
+    to random search's, and its median final best. The target is the upper median of random
+    search's final bests, so that more than half of random's searches reach it (with an even
+    number of seeds the plain median would leave random's own median budget infinite)."""
+    target = statistics.median_high(trace.best_at(budget) for trace in traces["random"])
+    figures = {}
+    for name, runs in traces.items():
+        needed = statistics.median(trace.budget_to_reach(target) for trace in runs)
+        figures[name] = {
+            "median_budget_to_target": None if math.isinf(needed) else needed,
+            "median_final_best": statistics.median(trace.best_at(budget) for trace in runs),
+            "median_trials": statistics.median(trace.trials for trace in runs),
+        }
+    random_needed = figures["random"]["median_budget_to_target"]
+    for figure in figures.values():
+        needed = figure["median_budget_to_target"]
+        figure["ratio_to_random"] = None if needed is None else round(needed / random_needed, 3)
+    return {"target": target, "strategies": figures}
+
+
+def plot(traces: dict[str, list[Trace]], budget: int, unit: int, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.linspace(unit / 8, budget, 200)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, runs in traces.items():
+        values = np.array([[trace.best_at(b) for b in grid] for trace in runs])
+        q1, median, q3 = np.percentile(values, [25, 50, 75], axis=0)
+        line = ax.plot(grid / unit, median, label=name)[0]
+        ax.fill_between(grid / unit, q1, q3, color=line.get_color(), alpha=0.15)
+    ax.axhline(target, color="grey", linestyle=":", label="random's median final best")
+    ax.set_xlabel(f"budget spent (full trials of {unit:,} samples)")
+    ax.set_ylabel("best pose_error so far (median, quartiles over seeds)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def replay_all(seeds: int, full_trials: int, concurrency: int) -> None:
+    from posetune.space import load_space
+
+    space, _ = load_space(SPACE_FILE)
+    recording = Recording(json.loads(RECORDING.read_text()), space)
+    unit = recording_budget(recording)
+    budget = full_trials * unit
+    traces: dict[str, list[Trace]] = {}
+    for name in STRATEGIES:
+        start = time.perf_counter()
+        traces[name] = [replay(recording, name, seed, budget, concurrency) for seed in range(seeds)]
+        print(f"{name}: {seeds} searches replayed in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    summary = summarise(traces, budget)
+    figures = {
+        "seeds": seeds,
+        "configs_recorded": len(recording.configs),
+        "budget_unit": "samples",
+        "budget": budget,
+        "concurrency": concurrency,
+        "target": summary["target"],
+        "strategies": summary["strategies"],
+        "how": (
+            f"benchmarks/search_efficiency.py replay --seeds {seeds} --trials {full_trials} "
+            f"--concurrency {concurrency} over {RECORDING.name}"
+        ),
+    }
+    (RESULTS / "search_efficiency.json").write_text(json.dumps(figures, indent=2))
+    plot(traces, budget, unit, summary["target"], RESULTS / "search_efficiency.png")
+    (RESULTS / "search_efficiency.md").write_text(markdown(figures, unit))
+    print(markdown(figures, unit))
+
+
+def markdown(figures: dict, unit: int) -> str:
+    lines = [
+        f"Budget {figures['budget']:,} samples ({figures['budget'] // unit} full trials), "
+        f"{figures['concurrency']} trials at a time, {figures['seeds']} seeds, "
+        f"{figures['configs_recorded']} recorded configurations. Target: random search's median final "
+        f"best pose_error, {figures['target']:.3f}.",
+        "",
+        "| strategy | median budget to target (samples) | ratio to random | median final best | median trials |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, f in figures["strategies"].items():
+        needed = "not reached" if f["median_budget_to_target"] is None else f"{f['median_budget_to_target']:,.0f}"
+        ratio = "-" if f["ratio_to_random"] is None else f"{f['ratio_to_random']:.2f}"
+        lines.append(f"| {name} | {needed} | {ratio} | {f['median_final_best']:.3f} | {f['median_trials']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    rec = commands.add_parser("record", help="train configurations to the full budget and record their curves")
+    rec.add_argument("--configs", type=int, default=64)
+    rec.add_argument("--processes", type=int, default=2)
+    rep = commands.add_parser("replay", help="replay the strategies over the recording")
+    rep.add_argument("--seeds", type=int, default=20)
+    rep.add_argument("--trials", type=int, default=16, help="budget, in full trials (of max_samples each)")
+    rep.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+    if args.command == "record":
+        record(args.configs, args.processes)
+    elif args.command == "replay":
+        replay_all(args.seeds, args.trials, args.concurrency)
+
+
+if __name__ == "__main__":
+    main()
