@@ -41,7 +41,9 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,9 +225,12 @@ class Trace:
         return next((spent for spent, best in zip(self.spent, self.best, strict=True) if best <= target), math.inf)
 
 
-def replay(recording: Recording, strategy: str, seed: int, budget: int, concurrency: int) -> Trace:
+def replay(
+    recording: Recording, strategy: str, seed: int, budget: float, concurrency: int, trials: int | None = None
+) -> Trace:
     """One search on a simulated clock, driven like Tune drives posetune's searcher and
-    scheduler (posetune.searchers.build_searcher / build_scheduler)."""
+    scheduler (posetune.searchers.build_searcher / build_scheduler). It ends when it has spent
+    `budget` samples, or after `trials` trials (as search.num_samples does)."""
     from ray.tune.schedulers import TrialScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -235,7 +240,7 @@ def replay(recording: Recording, strategy: str, seed: int, budget: int, concurre
     from posetune.space import DefineByRun, load_space
 
     searcher_name, scheduler_name, told = STRATEGIES[strategy]
-    full_trials = budget // recording_budget(recording)
+    full_trials = trials or int(budget // recording_budget(recording))
     space, _ = load_space(
         SPACE_FILE,
         [
@@ -281,7 +286,7 @@ def replay(recording: Recording, strategy: str, seed: int, budget: int, concurre
         scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
         heapq.heappush(running, (now + curve[0]["seconds"], count, trial_id, 0))
 
-    for _ in range(concurrency):
+    for _ in range(min(concurrency, trials or concurrency)):
         start(0.0)
     while running and spent < budget:
         now, _, trial_id, k = heapq.heappop(running)
@@ -304,7 +309,7 @@ def replay(recording: Recording, strategy: str, seed: int, budget: int, concurre
             scheduler.on_trial_complete(None, trial, result)
             searcher.on_trial_complete(trial_id, result)
             trace.ended.append(point["samples"])
-            if spent < budget:
+            if spent < budget and count < (trials or math.inf):
                 start(now)
         else:
             heapq.heappush(running, (point["start"] + curve[k + 1]["seconds"], count, trial_id, k + 1))
@@ -410,6 +415,52 @@ def markdown(figures: dict, unit: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- check ------------------------------------------------------------------------------------
+
+CHECKS = {  # strategy -> the real search's settings: a few trials on 2 cores
+    "posetune": ["search.num_samples=8"],
+    "random": ["search.num_samples=4", "search.searcher=random", "search.scheduler=fifo"],
+}
+
+
+def check(seeds: int) -> None:
+    """One real `posetune search` per strategy, then the replay of the same search (same trial
+    count, 2 at a time) over the seeds: where the real run falls in the replay's spread."""
+    from posetune.space import load_space
+
+    space, _ = load_space(SPACE_FILE)
+    recording = Recording(json.loads(RECORDING.read_text()), space)
+    figures = {}
+    for strategy, settings in CHECKS.items():
+        with tempfile.TemporaryDirectory(prefix="posetune-check-") as folder:
+            argv = [sys.executable, "-m", "posetune", "search", str(SPACE_FILE), *settings]
+            argv += [f"storage.path={folder}", f"storage.name=check-{strategy}", "tracking.enabled=false"]
+            print("running", " ".join(argv[2:]), file=sys.stderr)
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - start
+            results = json.loads((Path(folder) / f"check-{strategy}" / "results.json").read_text())["trials"]
+        metric = recording.metric
+        spent = sum(trial["samples_seen"] for trial in results)
+        best = min(trial["best_metrics"][metric] for trial in results if trial.get("best_metrics"))
+        trials = int(settings[0].split("=")[1])
+        replays = [replay(recording, strategy, seed, math.inf, 2, trials) for seed in range(seeds)]
+        bests = sorted(trace.best[-1] for trace in replays)
+        figures[strategy] = {
+            "settings": settings,
+            "real": {"best": best, "samples_spent": spent, "wall_seconds": round(wall)},
+            "replay": {
+                "best_quartiles": [float(q) for q in np.percentile(bests, [25, 50, 75])],
+                "best_range": [bests[0], bests[-1]],
+                "samples_spent_median": statistics.median(trace.spent[-1] for trace in replays),
+                "seeds": seeds,
+            },
+            "real_best_rank_among_replays": sum(b < best for b in bests) / len(bests),
+        }
+        print(json.dumps({strategy: figures[strategy]}, indent=1), file=sys.stderr)
+    (RESULTS / "search_efficiency_check.json").write_text(json.dumps(figures, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -420,8 +471,12 @@ def main() -> None:
     rep.add_argument("--seeds", type=int, default=20)
     rep.add_argument("--trials", type=int, default=16, help="budget, in full trials (of max_samples each)")
     rep.add_argument("--concurrency", type=int, default=4)
+    chk = commands.add_parser("check", help="one real search for posetune and random, against their replays")
+    chk.add_argument("--seeds", type=int, default=20)
     args = parser.parse_args()
-    if args.command == "record":
+    if args.command == "check":
+        check(args.seeds)
+    elif args.command == "record":
         record(args.configs, args.processes)
     elif args.command == "replay":
         replay_all(args.seeds, args.trials, args.concurrency)

@@ -232,6 +232,42 @@ def test_scratch_of_dead_workers_is_swept(tmp_path, monkeypatch):
         tempfile.tempdir = None
 
 
+def test_a_train_run_restored_at_its_final_checkpoint_says_again_how_it_ended(ray_cluster, synth_small, tmp_path):
+    """Tune may restart a trial that finished after its state was last saved: the trial's Train
+    run (same name and storage) resumes at its final checkpoint, has nothing left to train, and
+    reports its last evaluation again rather than nothing (which would make it stopped_early)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from posetune.search import absolute_paths
+    from posetune.trial import budget_config, train_worker
+
+    space, base = load_space(
+        tiny_space(tmp_path, synth_small, name="final", search__asha={"max_samples": 192, "grace_samples": 96})
+    )
+    cfg = budget_config(space, absolute_paths(base), 96, {"optimizer.lr": 1e-3, "train.beta_loss": 1.0})
+    storage_path = str(tmp_path / "train")
+
+    def fit_trial():
+        return TorchTrainer(
+            train_worker,
+            train_loop_config={
+                "config": cfg.to_dict(),
+                "metric": "pose_error",
+                "mode": "min",
+                "train_storage": storage_path,
+            },
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=ray.train.RunConfig(name="trial-final", storage_path=storage_path),
+        ).fit()
+
+    first = fit_trial()
+    again = fit_trial()
+    assert first.metrics["samples_seen"] == again.metrics["samples_seen"] == 192
+    assert again.metrics["pose_error"] == first.metrics["pose_error"]
+    assert again.checkpoint is not None  # the final checkpoint is attached again
+
+
 def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path):
     """Tune may restart a trial whose end it had not saved: the trial re-reports its recorded
     end (trial.run_trial), and no listener hears of it, so its record and MLflow run stay final."""
