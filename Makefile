@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/orchestration.py
 	$(BIN)/python benchmarks/step.py
 	$(BIN)/python benchmarks/gpu.py  # measures only where a CUDA GPU is; says so and skips elsewhere
+	$(BIN)/python benchmarks/search_efficiency.py replay  # over the committed recording (record: ~1 h)
 
 clean:
 	rm -rf runs data/quick

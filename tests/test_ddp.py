@@ -133,3 +133,45 @@ def test_gathered_validation_metrics_equal_one_process(synth_small):
     assert ranks[0] == ranks[1]  # every rank reports the metrics of the whole split
     for key, value in single.items():
         assert ranks[0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def _group_rank(rank: int, port: int, out: dict) -> None:
+    """Two micro-batches of one accumulation group on each rank, with and without saving the
+    group's gradients (train._group_gradients) after the first."""
+    from posetune.train import Runtime, _group_gradients
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_default_dtype(torch.float64)
+        generator = torch.Generator().manual_seed(10 + rank)  # each rank its own data
+        data = [(torch.randn(4, 5, generator=generator), torch.randn(4, 2, generator=generator)) for _ in range(2)]
+        for saved in (False, True):
+            torch.manual_seed(0)
+            net = DistributedDataParallel(torch.nn.Linear(5, 2))
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+            with net.no_sync():
+                torch.nn.functional.mse_loss(net(data[0][0]), data[0][1]).backward()
+            if saved:
+                out[f"saved{rank}"] = _group_gradients(net.module, Runtime(torch.device("cpu"), rank, 2))
+            torch.nn.functional.mse_loss(net(data[1][0]), data[1][1]).backward()  # all-reduces
+            optimizer.step()
+            out[f"{saved}{rank}"] = state(net)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_a_mid_group_checkpoint_keeps_the_group_update():
+    """Saving a checkpoint inside an accumulation group averages the group's gradients over
+    the ranks, in place (one copy to save): the group's update is unchanged, and every rank
+    holds the same saved gradients, so a resume on any rank continues the same group."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_group_rank, args=(free_port(), out), nprocs=2, start_method="spawn")
+        out = dict(out)
+    for rank in (0, 1):
+        for key, value in out[f"False{rank}"].items():
+            assert torch.allclose(value, out[f"True{rank}"][key], atol=1e-12), key
+    for a, b in zip(out["saved0"], out["saved1"], strict=True):
+        assert torch.equal(a, b)
