@@ -274,11 +274,9 @@ def replay(
         entry = recording.nearest(params)
         curve = [dict(point) for point in entry["curve"]]
         if entry["diverged_at"] is not None:  # it reports its worst score where it diverged
-            seconds = curve[-1]["seconds"] if curve else 0.0
-            curve.append(
-                {**diverged_result(s.metric, s.resolved_mode, "diverged", entry["diverged_at"]), "seconds": seconds}
-            )
-            curve[-1]["samples"] = entry["diverged_at"]
+            worst = diverged_result(s.metric, s.resolved_mode, "diverged", entry["diverged_at"])[s.metric]
+            seconds = entry["diverged_at"] * recording.seconds_per_sample
+            curve.append({s.metric: worst, "diverged": 1, "samples": entry["diverged_at"], "seconds": seconds})
         for k, point in enumerate(curve):
             point["start"] = now
             point["training_iteration"] = k + 1
