@@ -216,6 +216,7 @@ class Trace:
     trials: int = 0
     ended: list[int] = field(default_factory=list)  # samples at which each ended trial stopped
     told: dict[str, int] = field(default_factory=dict)  # Optuna trial states, counted
+    configs: set[int] = field(default_factory=set)  # the recorded configurations its trials trained as
 
     def best_at(self, budget: float) -> float:
         i = bisect.bisect_right(self.spent, budget) - 1
@@ -272,6 +273,7 @@ def replay(
         count += 1
         params = searcher.suggest(trial_id)
         entry = recording.nearest(params)
+        trace.configs.add(entry["index"])
         curve = [dict(point) for point in entry["curve"]]
         if entry["diverged_at"] is not None:  # it reports its worst score where it diverged
             worst = diverged_result(s.metric, s.resolved_mode, "diverged", entry["diverged_at"])[s.metric]
@@ -332,7 +334,9 @@ def summarise(traces: dict[str, list[Trace]], budget: int) -> dict:
         figures[name] = {
             "median_budget_to_target": None if math.isinf(needed) else needed,
             "median_final_best": statistics.median(trace.best_at(budget) for trace in runs),
+            "median_best_at_quarter_budget": statistics.median(trace.best_at(budget / 4) for trace in runs),
             "median_trials": statistics.median(trace.trials for trace in runs),
+            "median_distinct_configs": statistics.median(len(trace.configs) for trace in runs),
         }
     random_needed = figures["random"]["median_budget_to_target"]
     for figure in figures.values():
@@ -377,6 +381,7 @@ def replay_all(seeds: int, full_trials: int, concurrency: int) -> None:
         traces[name] = [replay(recording, name, seed, budget, concurrency) for seed in range(seeds)]
         print(f"{name}: {seeds} searches replayed in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     summary = summarise(traces, budget)
+    asha = space.search.asha
     figures = {
         "seeds": seeds,
         "configs_recorded": len(recording.configs),
@@ -385,6 +390,7 @@ def replay_all(seeds: int, full_trials: int, concurrency: int) -> None:
         "concurrency": concurrency,
         "target": summary["target"],
         "strategies": summary["strategies"],
+        "recording": diagnostics(recording, [int(rung) for rung in asha.rungs()]),
         "how": (
             f"benchmarks/search_efficiency.py replay --seeds {seeds} --trials {full_trials} "
             f"--concurrency {concurrency} over {RECORDING.name}"
@@ -396,6 +402,26 @@ def replay_all(seeds: int, full_trials: int, concurrency: int) -> None:
     print(markdown(figures, unit))
 
 
+def diagnostics(recording: Recording, rungs: list[int]) -> dict:
+    """What the recorded task looks like to a search: how well a configuration's score at each
+    ASHA rung ranks its best score (Spearman), and how noisy one evaluation is."""
+    from scipy.stats import spearmanr
+
+    metric, entries = recording.metric, [e for e in recording.configs if e["curve"]]
+    best = [min(point[metric] for point in e["curve"]) for e in entries]
+    correlation = {}
+    for rung in rungs:
+        at_rung = [next((p[metric] for p in e["curve"] if p["samples"] == rung), math.inf) for e in entries]
+        correlation[str(rung)] = round(float(spearmanr(at_rung, best).statistic), 3)
+    good = [e for e, b in zip(entries, best, strict=True) if b <= statistics.median(best)]
+    noise = statistics.median(statistics.stdev(p[metric] for p in e["curve"][-6:]) for e in good)
+    return {
+        "rung_rank_correlation_with_best": correlation,
+        "evaluation_noise": round(noise, 3),  # median sd of the last 6 evaluations, better half of configs
+        "best_scores": [round(b, 3) for b in sorted(best)[:8]],  # the 8 best configurations' best scores
+    }
+
+
 def markdown(figures: dict, unit: int) -> str:
     lines = [
         f"Budget {figures['budget']:,} samples ({figures['budget'] // unit} full trials), "
@@ -403,13 +429,18 @@ def markdown(figures: dict, unit: int) -> str:
         f"{figures['configs_recorded']} recorded configurations. Target: random search's median final "
         f"best pose_error, {figures['target']:.3f}.",
         "",
-        "| strategy | median budget to target (samples) | ratio to random | median final best | median trials |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| strategy | median budget to target (samples) | ratio to random | median final best "
+        "| median best at 1/4 budget | median trials (distinct configs) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, f in figures["strategies"].items():
         needed = "not reached" if f["median_budget_to_target"] is None else f"{f['median_budget_to_target']:,.0f}"
         ratio = "-" if f["ratio_to_random"] is None else f"{f['ratio_to_random']:.2f}"
-        lines.append(f"| {name} | {needed} | {ratio} | {f['median_final_best']:.3f} | {f['median_trials']:.0f} |")
+        trials = f"{f['median_trials']:.0f} ({f['median_distinct_configs']:.0f})"
+        lines.append(
+            f"| {name} | {needed} | {ratio} | {f['median_final_best']:.3f} | "
+            f"{f['median_best_at_quarter_budget']:.3f} | {trials} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -419,6 +450,12 @@ CHECKS = {  # strategy -> the real search's settings: a few trials on 2 cores
     "posetune": ["search.num_samples=8"],
     "random": ["search.num_samples=4", "search.searcher=random", "search.scheduler=fifo"],
 }
+
+
+def _same_params(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        math.isclose(a[k], b[k], rel_tol=1e-9) if isinstance(a[k], float) else a[k] == b[k] for k in a
+    )
 
 
 def check(seeds: int) -> None:
@@ -440,6 +477,15 @@ def check(seeds: int) -> None:
             results = json.loads((Path(folder) / f"check-{strategy}" / "results.json").read_text())["trials"]
         metric = recording.metric
         spent = sum(trial["samples_seen"] for trial in results)
+        # A real trial that drew a recorded configuration exactly (the samplers' first draws
+        # coincide with the design's first point) shows whether the recording is what a real
+        # search trains: the same seed and one thread each, so the same curve.
+        same = [
+            {"real_best": trial["best_metrics"][metric], "recorded_best": min(p[metric] for p in entry["curve"])}
+            for trial in results
+            for entry in recording.configs
+            if trial.get("best_metrics") and entry["curve"] and _same_params(trial["params"], entry["params"])
+        ]
         best = min(trial["best_metrics"][metric] for trial in results if trial.get("best_metrics"))
         trials = int(settings[0].split("=")[1])
         replays = [replay(recording, strategy, seed, math.inf, 2, trials) for seed in range(seeds)]
@@ -454,6 +500,7 @@ def check(seeds: int) -> None:
                 "seeds": seeds,
             },
             "real_best_rank_among_replays": sum(b < best for b in bests) / len(bests),
+            "real_trials_of_recorded_configs": same,
         }
         print(json.dumps({strategy: figures[strategy]}, indent=1), file=sys.stderr)
     (RESULTS / "search_efficiency_check.json").write_text(json.dumps(figures, indent=2))

@@ -247,8 +247,15 @@ def test_a_train_run_restored_at_its_final_checkpoint_says_again_how_it_ended(ra
     )
     cfg = budget_config(space, absolute_paths(base), 96, {"optimizer.lr": 1e-3, "train.beta_loss": 1.0})
     storage_path = str(tmp_path / "train")
+    reports = tmp_path / "reports.jsonl"
 
-    def fit_trial():
+    class Reports(ray.train.UserCallback):  # what TuneReportCallback would pass on to Tune
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(reports, "a") as out:
+                out.write(json.dumps({**metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+
+    def fit_trial(lr: float):
+        cfg.optimizer.lr = lr  # a changed lr changes nothing if the run is restored, not trained again
         return TorchTrainer(
             train_worker,
             train_loop_config={
@@ -258,14 +265,17 @@ def test_a_train_run_restored_at_its_final_checkpoint_says_again_how_it_ended(ra
                 "train_storage": storage_path,
             },
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=ray.train.RunConfig(name="trial-final", storage_path=storage_path),
+            run_config=ray.train.RunConfig(name="trial-final", storage_path=storage_path, callbacks=[Reports()]),
         ).fit()
 
-    first = fit_trial()
-    again = fit_trial()
-    assert first.metrics["samples_seen"] == again.metrics["samples_seen"] == 192
-    assert again.metrics["pose_error"] == first.metrics["pose_error"]
-    assert again.checkpoint is not None  # the final checkpoint is attached again
+    fit_trial(1e-3)
+    first = [json.loads(line) for line in reports.read_text().splitlines()]
+    reports.unlink()
+    fit_trial(3e-3)
+    (again,) = [json.loads(line) for line in reports.read_text().splitlines()]
+    assert [r["samples_seen"] for r in first] == [96, 192]
+    assert again["samples_seen"] == 192 and again["pose_error"] == first[-1]["pose_error"]
+    assert again["checkpoint"]  # the final checkpoint is attached again
 
 
 def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path):

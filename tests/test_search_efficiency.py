@@ -82,4 +82,4 @@ def test_summary_compares_every_strategy_with_random_search(bench, recording):
     summary = bench.summarise(traces, 4 * unit)
     assert summary["strategies"]["random"]["ratio_to_random"] == 1.0
     for figures in summary["strategies"].values():
-        assert set(figures) == {"median_budget_to_target", "ratio_to_random", "median_final_best", "median_trials"}
+        assert {"median_budget_to_target", "ratio_to_random", "median_final_best", "median_trials"} <= set(figures)
