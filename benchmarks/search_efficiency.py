@@ -165,6 +165,7 @@ def record(count: int, processes: int) -> None:
             indent=1,
         )
     )
+    shutil.rmtree(PARTS)  # the recording holds them all now
     print(f"wrote {RECORDING}", file=sys.stderr)
 
 
@@ -481,10 +482,19 @@ def check(seeds: int) -> None:
         # coincide with the design's first point) shows whether the recording is what a real
         # search trains: the same seed and one thread each, so the same curve.
         same = [
-            {"real_best": trial["best_metrics"][metric], "recorded_best": min(p[metric] for p in entry["curve"])}
+            {
+                "samples": trial["samples_seen"],
+                "real_best": trial["best_metrics"][metric],
+                "recorded_best": min(p[metric] for p in entry["curve"] if p["samples"] <= trial["samples_seen"]),
+            }
             for trial in results
             for entry in recording.configs
             if trial.get("best_metrics") and entry["curve"] and _same_params(trial["params"], entry["params"])
+        ]
+        trials_run = [
+            {key: trial.get(key) for key in ("id", "params", "status", "samples_seen")}
+            | {"best": trial.get("best_metrics", {}).get(metric)}
+            for trial in results
         ]
         best = min(trial["best_metrics"][metric] for trial in results if trial.get("best_metrics"))
         trials = int(settings[0].split("=")[1])
@@ -492,7 +502,7 @@ def check(seeds: int) -> None:
         bests = sorted(trace.best[-1] for trace in replays)
         figures[strategy] = {
             "settings": settings,
-            "real": {"best": best, "samples_spent": spent, "wall_seconds": round(wall)},
+            "real": {"best": best, "samples_spent": spent, "wall_seconds": round(wall), "trials": trials_run},
             "replay": {
                 "best_quartiles": [float(q) for q in np.percentile(bests, [25, 50, 75])],
                 "best_range": [bests[0], bests[-1]],
