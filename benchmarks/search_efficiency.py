@@ -1,8 +1,8 @@
 """Search efficiency: posetune's search against random search, at the same budget in samples.
 
     python benchmarks/search_efficiency.py record [--configs 64] [--processes 2]   # ~1 h on 2 cores
-    python benchmarks/search_efficiency.py replay [--seeds 20]                     # minutes
-    python benchmarks/search_efficiency.py check                                   # two real searches
+    python benchmarks/search_efficiency.py replay [--seeds 200]                    # ~1 min
+    python benchmarks/search_efficiency.py check                                   # two real searches, ~12 min
 
 Real training at the scale of many searches does not fit on a laptop, so this records once
 and replays many times (a tabular benchmark):
@@ -10,17 +10,17 @@ and replays many times (a tabular benchmark):
 1. record: trains configurations of benchmarks/search_efficiency.yaml (a scrambled Sobol design
    from posetune's `qmc` sampler) to the full budget with posetune's own trial config and
    `fit`, one CPU thread each, and writes every evaluation (the search metric at each
-   milestone and the training seconds before it) to benchmarks/results/
+   milestone and the wall seconds from the trial's start) to benchmarks/results/
    search_efficiency_recording.json. A diverged configuration is recorded up to where it
    diverged. Re-running continues an interrupted recording.
 2. replay: runs each strategy with posetune's searcher and scheduler classes (those `posetune
    search` builds) on a simulated clock: `concurrency` trials at a time, each advancing by its
-   recorded training seconds per evaluation, until the search has spent its budget in
+   recorded seconds per evaluation, until the search has spent its budget in
    training samples. A sampled configuration trains as the *nearest recorded* one: the same
    batch size and schedule, then the smallest distance in log learning rate and log
    beta_loss, each scaled to its range.
-3. check: one real `posetune search` of strategies posetune and random at a smaller budget,
-   to compare with the replay's spread at that budget.
+3. check: one real `posetune search` per strategy posetune (8 trials) and random (4 trials),
+   each compared with the replays of the same search (trial count, 2 at a time).
 
 Strategies (same budget, same concurrency): posetune (TPE + ASHA, stopped trials told to
 Optuna as pruned), random (no early stopping: a plain sweep), tpe (no early stopping),
@@ -523,11 +523,11 @@ def main() -> None:
     rec.add_argument("--configs", type=int, default=64)
     rec.add_argument("--processes", type=int, default=2)
     rep = commands.add_parser("replay", help="replay the strategies over the recording")
-    rep.add_argument("--seeds", type=int, default=20)
+    rep.add_argument("--seeds", type=int, default=200)
     rep.add_argument("--trials", type=int, default=16, help="budget, in full trials (of max_samples each)")
     rep.add_argument("--concurrency", type=int, default=4)
     chk = commands.add_parser("check", help="one real search for posetune and random, against their replays")
-    chk.add_argument("--seeds", type=int, default=20)
+    chk.add_argument("--seeds", type=int, default=200)
     args = parser.parse_args()
     if args.command == "check":
         check(args.seeds)
