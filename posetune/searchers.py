@@ -2,9 +2,9 @@
 
 Searcher: an Optuna sampler (TPE by default; random, GP, CMA-ES, QMC) through Ray's OptunaSearch, with
 a define-by-run space (conditional parameters). Scheduler: ASHA on *training samples seen*, so
-trials with different batch sizes are stopped at equal compute (or FIFO: no early stopping). A trial that ASHA stops is
-told to Optuna as PRUNED (``BudgetAwareOptunaSearch``), never as a finished trial with an
-under-trained score.
+trials with different batch sizes are stopped at equal compute (or FIFO: no early stopping).
+A trial that ASHA stops is told to Optuna as PRUNED (``BudgetAwareOptunaSearch``), never as a
+finished trial with an under-trained score.
 """
 
 from __future__ import annotations
