@@ -54,7 +54,11 @@ def plain_run(overrides: dict, folder: Path) -> tuple[float, float, int]:
 def search_run(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[float, float]:
     """(training images/s over epochs 2..N, wall seconds) of the same training as a one-trial `posetune search`."""
     space = {
-        "base": {"config": str(REPO / "configs" / "quick.yaml"), "overrides": overrides},
+        # An evaluation per epoch, as the plain run (a search evaluates at sample milestones).
+        "base": {
+            "config": str(REPO / "configs" / "quick.yaml"),
+            "overrides": {**overrides, "val.eval_every_samples": samples // overrides["train.epochs"]},
+        },
         "parameters": {"optimizer.lr": {"distribution": "fixed", "value": lr}},
         "search": {"num_samples": 1, "asha": {"max_samples": samples, "grace_samples": samples}},
         # 3 logical CPUs: the trial's 2-CPU worker plus its driver's sliver fit on a 2-core box.

@@ -14,8 +14,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_space(tmp_path: Path, data: Path, name: str = "t", **sections) -> Path:
-    """A search-space file over `data` (96 train / 32 val frames): 96 samples per epoch."""
+def tiny_space(tmp_path: Path, data: Path, name: str = "t", overrides: dict | None = None, **sections) -> Path:
+    """A search-space file over `data` (96 train / 32 val frames): 96 samples per epoch.
+    `overrides` adds base config overrides; `section__key=value` replaces a search-file key."""
     space = {
         "base": {
             "config": str(REPO / "configs" / "quick.yaml"),
@@ -44,6 +45,7 @@ def tiny_space(tmp_path: Path, data: Path, name: str = "t", **sections) -> Path:
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.95, "local_cpus": 2},
         "storage": {"name": name, "path": str(tmp_path / "runs"), "keep_checkpoints": 2},
     }
+    space["base"]["overrides"].update(overrides or {})
     for dotted, value in sections.items():
         section, key = dotted.split("__")
         space[section][key] = value

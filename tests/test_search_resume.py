@@ -43,6 +43,7 @@ def test_sigkill_then_resume_skips_finished_trials(synth_small, tmp_path):
         search__num_samples=3,
         search__asha={"max_samples": 576, "grace_samples": 576, "reduction_factor": 2},
         search__points_to_evaluate=[{"optimizer.lr": 3e-3, "train.beta_loss": 1.0}],
+        overrides={"val.eval_every_samples": 96},  # an evaluation per epoch, not only at the budget
     )
     driver = start_search(tmp_path, str(space))
 
@@ -157,7 +158,7 @@ def test_search_in_a_bucket_resumes_from_a_fresh_machine(gcs, bucket, synth_smal
             "dataset.image_scale": "64x40",
             "dataset.num_workers": 0,
             "train.batch_size": 16,
-            "val.eval_freq": 1,
+            "val.eval_every_samples": 96,  # an evaluation per epoch, not only at the budget
         },
     )
 

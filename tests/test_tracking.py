@@ -148,6 +148,7 @@ def test_server_killed_mid_search_then_back(ray_cluster, server, synth_small, tm
         name="outage",
         search__num_samples=3,
         search__asha={"max_samples": 480, "grace_samples": 480, "reduction_factor": 2},
+        overrides={"val.eval_every_samples": 96},  # an evaluation per epoch, not only at the budget
     )
     events = []
 
