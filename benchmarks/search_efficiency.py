@@ -180,6 +180,12 @@ STRATEGIES = {  # name -> (searcher, scheduler, how a stopped trial is told to O
 }
 
 
+def strategy_settings(strategy: str, trials: int) -> list[str]:
+    """The search-file settings of a strategy's search of `trials` trials."""
+    searcher, scheduler, _ = STRATEGIES[strategy]
+    return [f"search.searcher={searcher}", f"search.scheduler={scheduler}", f"search.num_samples={trials}"]
+
+
 class Recording:
     """The recorded curves, and which one a sampled configuration trains as."""
 
@@ -241,17 +247,10 @@ def replay(
     from posetune.searchers import SAMPLERS, build_scheduler, build_searcher
     from posetune.space import DefineByRun, load_space
 
-    searcher_name, scheduler_name, told = STRATEGIES[strategy]
+    told = STRATEGIES[strategy][2]
     full_trials = trials or int(budget // recording_budget(recording))
-    space, _ = load_space(
-        SPACE_FILE,
-        [
-            f"search.searcher={searcher_name}",
-            f"search.scheduler={scheduler_name}",
-            f"search.seed={seed}",
-            f"search.num_samples={full_trials}",  # the sweep this budget buys: sets TPE's start-up trials
-        ],
-    )
+    # num_samples: the sweep this budget buys, which sets TPE's start-up trials
+    space, _ = load_space(SPACE_FILE, [*strategy_settings(strategy, full_trials), f"search.seed={seed}"])
     s = space.search
     if told == "pruned":
         searcher = build_searcher(space)
@@ -266,6 +265,7 @@ def replay(
     trace, spent, best = Trace(), 0, math.inf
     running: list[tuple[float, int, str, int]] = []  # (time of next report, tiebreak, trial id, report index)
     curves: dict[str, list[dict]] = {}
+    started: dict[str, float] = {}  # when each trial started, on the simulated clock
     count = 0
 
     def start(now: float) -> None:
@@ -280,10 +280,7 @@ def replay(
             worst = diverged_result(s.metric, s.resolved_mode, "diverged", entry["diverged_at"])[s.metric]
             seconds = entry["diverged_at"] * recording.seconds_per_sample
             curve.append({s.metric: worst, "diverged": 1, "samples": entry["diverged_at"], "seconds": seconds})
-        for k, point in enumerate(curve):
-            point["start"] = now
-            point["training_iteration"] = k + 1
-        curves[trial_id] = curve
+        curves[trial_id], started[trial_id] = curve, now
         scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
         heapq.heappush(running, (now + curve[0]["seconds"], count, trial_id, 0))
 
@@ -313,7 +310,7 @@ def replay(
             if spent < budget and count < (trials or math.inf):
                 start(now)
         else:
-            heapq.heappush(running, (point["start"] + curve[k + 1]["seconds"], count, trial_id, k + 1))
+            heapq.heappush(running, (started[trial_id] + curve[k + 1]["seconds"], count, trial_id, k + 1))
     trace.trials = count
     trace.told = dict(collections.Counter(t.state.name for t in internals.searcher_study(searcher).trials))
     return trace
@@ -447,10 +444,7 @@ def markdown(figures: dict, unit: int) -> str:
 
 # --- check ------------------------------------------------------------------------------------
 
-CHECKS = {  # strategy -> the real search's settings: a few trials on 2 cores
-    "posetune": ["search.num_samples=8"],
-    "random": ["search.num_samples=4", "search.searcher=random", "search.scheduler=fifo"],
-}
+CHECKS = {"posetune": 8, "random": 4}  # strategy -> trials of its real search: a few, on 2 cores
 
 
 def _same_params(a: dict, b: dict) -> bool:
@@ -467,7 +461,8 @@ def check(seeds: int) -> None:
     space, _ = load_space(SPACE_FILE)
     recording = Recording(json.loads(RECORDING.read_text()), space)
     figures = {}
-    for strategy, settings in CHECKS.items():
+    for strategy, trials in CHECKS.items():
+        settings = strategy_settings(strategy, trials)
         with tempfile.TemporaryDirectory(prefix="posetune-check-") as folder:
             argv = [sys.executable, "-m", "posetune", "search", str(SPACE_FILE), *settings]
             argv += [f"storage.path={folder}", f"storage.name=check-{strategy}", "tracking.enabled=false"]
@@ -497,7 +492,6 @@ def check(seeds: int) -> None:
             for trial in results
         ]
         best = min(trial["best_metrics"][metric] for trial in results if trial.get("best_metrics"))
-        trials = int(settings[0].split("=")[1])
         replays = [replay(recording, strategy, seed, math.inf, 2, trials) for seed in range(seeds)]
         bests = sorted(trace.best[-1] for trace in replays)
         figures[strategy] = {

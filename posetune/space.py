@@ -396,8 +396,11 @@ def _check_milestones(space: SearchSpace, base_cfg: Config, problems: list[str])
     every, asha = eval_milestone(space, base_cfg), space.search.asha
     source = "val.eval_every_samples" if base_cfg.val.eval_every_samples else "search.asha.grace_samples"
     batch = space.parameters.get("train.batch_size")
-    sizes = [int(b) for b in batch.candidates()] if batch else [base_cfg.train.batch_size]
-    if batch and batch.distribution not in ("choice", "fixed"):
+    if batch is None:
+        sizes = [base_cfg.train.batch_size]
+    elif batch.distribution in ("choice", "fixed"):
+        sizes = [int(b) for b in batch.candidates()]
+    else:  # an int range: every value in it
         sizes = list(range(int(batch.low), int(batch.high) + 1, int(batch.step or 1)))
     workers = space.resources.workers_per_trial
     step = math.lcm(*sizes) * workers
