@@ -65,8 +65,8 @@ PARTS = RESULTS / "search_efficiency_recording.parts"  # one file per configurat
 def design(count: int) -> list[dict]:
     """`count` configurations of the benchmark's space from posetune's `qmc` sampler (scrambled
     Sobol): spread evenly, unlike random draws, so that the replay's lookups stay close."""
-    from posetune.searchers import SAMPLERS
-    from posetune.space import DefineByRun, load_space
+    from posetune.search.searchers import SAMPLERS
+    from posetune.search.space import DefineByRun, load_space
 
     space, _ = load_space(SPACE_FILE)
     settings = space.search.model_copy(update={"searcher": "qmc", "seed": 0})
@@ -85,11 +85,11 @@ def design(count: int) -> list[dict]:
 def record_one(job: tuple[int, dict]) -> dict:
     """Train one configuration to the full budget (in a worker process, one thread)."""
     import torch
+    from posetune.search.space import load_space
+    from posetune.search.trial import budget_config
 
-    from posetune.search import absolute_paths, ensure_dataset
-    from posetune.space import load_space
-    from posetune.train import TrainingDiverged, fit
-    from posetune.trial import budget_config
+    from posetune.search.run import absolute_paths, ensure_dataset
+    from posetune.train.loop import TrainingDiverged, fit
 
     index, params = job
     torch.set_num_threads(1)
@@ -121,9 +121,10 @@ def record_one(job: tuple[int, dict]) -> dict:
 
 
 def record(count: int, processes: int) -> None:
-    from posetune.data import load_split
-    from posetune.search import absolute_paths, ensure_dataset
-    from posetune.space import load_space
+    from posetune.search.space import load_space
+
+    from posetune.data.loader import load_split
+    from posetune.search.run import absolute_paths, ensure_dataset
 
     space, base = load_space(SPACE_FILE)
     base = absolute_paths(base)
@@ -153,7 +154,7 @@ def record(count: int, processes: int) -> None:
                 "how": (
                     f"benchmarks/search_efficiency.py record: {len(entries)} configurations of "
                     "benchmarks/search_efficiency.yaml (posetune's qmc sampler, seed 0), each trained "
-                    "to search.asha.max_samples with posetune.trial.budget_config and posetune.train.fit, "
+                    "to search.asha.max_samples with posetune.search.trial.budget_config and posetune.train.loop.fit, "
                     f"one CPU thread each, {processes} at a time"
                 ),
                 "machine": f"{os.cpu_count()} CPUs, torch threads 1 per configuration",
@@ -237,15 +238,15 @@ def replay(
     recording: Recording, strategy: str, seed: int, budget: float, concurrency: int, trials: int | None = None
 ) -> Trace:
     """One search on a simulated clock, driven like Tune drives posetune's searcher and
-    scheduler (posetune.searchers.build_searcher / build_scheduler). It ends when it has spent
+    scheduler (posetune.search.searchers.build_searcher / build_scheduler). It ends when it has spent
     `budget` samples, or after `trials` trials (as search.num_samples does)."""
+    from posetune.search.searchers import SAMPLERS, build_scheduler, build_searcher
+    from posetune.search.space import DefineByRun, load_space
     from ray.tune.schedulers import TrialScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from posetune import internals
     from posetune.choices import diverged_result
-    from posetune.searchers import SAMPLERS, build_scheduler, build_searcher
-    from posetune.space import DefineByRun, load_space
 
     told = STRATEGIES[strategy][2]
     full_trials = trials or int(budget // recording_budget(recording))
@@ -367,7 +368,7 @@ def plot(traces: dict[str, list[Trace]], budget: int, unit: int, target: float, 
 
 
 def replay_all(seeds: int, full_trials: int, concurrency: int) -> None:
-    from posetune.space import load_space
+    from posetune.search.space import load_space
 
     space, _ = load_space(SPACE_FILE)
     recording = Recording(json.loads(RECORDING.read_text()), space)
@@ -456,7 +457,7 @@ def _same_params(a: dict, b: dict) -> bool:
 def check(seeds: int) -> None:
     """One real `posetune search` per strategy, then the replay of the same search (same trial
     count, 2 at a time) over the seeds: where the real run falls in the replay's spread."""
-    from posetune.space import load_space
+    from posetune.search.space import load_space
 
     space, _ = load_space(SPACE_FILE)
     recording = Recording(json.loads(RECORDING.read_text()), space)

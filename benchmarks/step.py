@@ -6,7 +6,7 @@ and the training loader's set-ups.
 - baseline step: the single-process step as it was before the GPU work (kept here, the same
   in behaviour): `loss.item()` after every micro-batch (a device sync), label copies issued
   after the forward, the normalisation constants copied to the device for every batch
-- posetune's step: `posetune.train.train_one_epoch` (loss and finiteness stay on the device)
+- posetune's step: `posetune.train.loop.train_one_epoch` (loss and finiteness stay on the device)
 Both train the same model from the same weights on the same cached batches, one epoch each,
 alternating for --rounds rounds; the median ratio is the figure. Then posetune's step is fed
 by the training loader with 0 and 2 worker processes, from the cache and decoding PNGs.
@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 import torch
+from posetune.data.synth import generate
+from posetune.train.losses import get_orientation_loss, pose_loss
+from posetune.train.model import create_model
 
 from posetune.config import load_config
-from posetune.data import load_split, make_loader, to_model_input
-from posetune.losses import get_orientation_loss, pose_loss
-from posetune.model import create_model
-from posetune.synth import generate
-from posetune.train import Runtime, TrainState, autocast_dtype, resolve_device, train_one_epoch
+from posetune.data.loader import load_split, make_loader, to_model_input
+from posetune.train.loop import Runtime, TrainState, autocast_dtype, resolve_device, train_one_epoch
 
 RESULTS = Path(__file__).parent / "results"
 

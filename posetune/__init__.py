@@ -20,15 +20,15 @@ _EXPORTS = {
     "ConfigError": "posetune.errors",
     "DataError": "posetune.errors",
     "PosetuneError": "posetune.errors",
-    "evaluate_checkpoint": "posetune.inference",
-    "model_from_checkpoint": "posetune.inference",
-    "predict_images": "posetune.inference",
-    "METRIC_NAMES": "posetune.metrics",
-    "pose_metrics": "posetune.metrics",
-    "create_model": "posetune.model",
-    "list_backbones": "posetune.model",
-    "FitResult": "posetune.train",
-    "fit": "posetune.train",
+    "evaluate_checkpoint": "posetune.train.inference",
+    "model_from_checkpoint": "posetune.train.inference",
+    "predict_images": "posetune.train.inference",
+    "METRIC_NAMES": "posetune.train.metrics",
+    "pose_metrics": "posetune.train.metrics",
+    "create_model": "posetune.train.model",
+    "list_backbones": "posetune.train.model",
+    "FitResult": "posetune.train.loop",
+    "fit": "posetune.train.loop",
 }
 __all__ = [  # the names above, literally, for linters and `from posetune import *`
     "METRIC_NAMES",
@@ -62,7 +62,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from posetune.config import Config, load_config
     from posetune.errors import CheckpointError, ConfigError, DataError, PosetuneError
-    from posetune.inference import evaluate_checkpoint, model_from_checkpoint, predict_images
-    from posetune.metrics import METRIC_NAMES, pose_metrics
-    from posetune.model import create_model, list_backbones
-    from posetune.train import FitResult, fit
+    from posetune.train.loop import FitResult, fit
+    from posetune.train.inference import evaluate_checkpoint, model_from_checkpoint, predict_images
+    from posetune.train.metrics import METRIC_NAMES, pose_metrics
+    from posetune.train.model import create_model, list_backbones

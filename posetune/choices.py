@@ -1,7 +1,7 @@
 """Every name a user can choose in a config or search file, importable without torch.
 
-The registries that build these (``posetune.model.BACKBONES``, ``posetune.losses.
-ORIENTATION_LOSSES``, ``posetune.train.SCHEDULES``) are keyed by exactly these names (a test
+The registries that build these (``posetune.train.model.BACKBONES``, ``posetune.losses.
+ORIENTATION_LOSSES``, ``posetune.train.loop.SCHEDULES``) are keyed by exactly these names (a test
 keeps them equal), so a config or search file is checked, name by name, when it is read:
 before torch loads, before data is read, before a Ray trial starts.
 """
@@ -25,8 +25,8 @@ BACKBONES = (
 )
 ORIENTATION_LOSSES = ("geodesic", "mse", "sign_invariant")
 SCHEDULES = ("constant", "cosine", "linear")
-SEARCHERS = ("cmaes", "gp", "qmc", "random", "tpe")  # Optuna samplers (posetune.searchers.SAMPLERS)
-SCHEDULERS = ("asha", "fifo")  # Tune trial schedulers (posetune.searchers.SCHEDULERS)
+SEARCHERS = ("cmaes", "gp", "qmc", "random", "tpe")  # Optuna samplers (posetune.search.searchers.SAMPLERS)
+SCHEDULERS = ("asha", "fifo")  # Tune trial schedulers (posetune.search.searchers.SCHEDULERS)
 METRIC_NAMES = (
     "translation_mse",
     "translation_error_cm",

@@ -44,12 +44,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # config errors come before torch's import time
     from posetune import storage
-    from posetune.train import default_out_dir, fit
+    from posetune.train.loop import default_out_dir, fit
 
     cfg.system.out_dir = cfg.system.out_dir or str(default_out_dir())
     start = time.perf_counter()
     if cfg.tracking.enabled:
-        from posetune.tracking import TrainRun
+        from posetune.tracking.runs import TrainRun
 
         with TrainRun(cfg, storage.local_path(cfg.system.out_dir, "system.out_dir")) as run:
             result = fit(cfg, on_evaluation=run.on_evaluation)
@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from posetune import storage
-    from posetune.inference import evaluate_checkpoint
+    from posetune.train.inference import evaluate_checkpoint
 
     metrics, count = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.device, args.sha256)
     print(f"{args.split} split: {count} samples")
@@ -75,10 +75,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from posetune.inference import model_from_checkpoint, predict_images
+    from posetune.train.inference import model_from_checkpoint, predict_images
 
     if args.model:
-        from posetune.tracking import load_registered_model
+        from posetune.tracking.runs import load_registered_model
 
         model, cfg = load_registered_model(args.model, args.tracking_uri)
     else:
@@ -99,7 +99,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     import tempfile
 
     from posetune import storage
-    from posetune.synth import check_output, generate
+    from posetune.data.synth import check_output, generate
 
     splits = {"train": args.train, "val": args.val, "test": args.test}
     remote = not storage.is_local(args.out)
@@ -122,7 +122,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def _push(source: str, destination: str, label: str, overwrite: bool, shown: str | None = None) -> None:
     from posetune import storage
-    from posetune.datasets import folder_size, present_splits, push_dataset
+    from posetune.data.tools import folder_size, present_splits, push_dataset
 
     root = storage.local_path(source, "SRC")
     total = folder_size(root, present_splits(root)) if root.is_dir() else 0
@@ -138,7 +138,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from posetune.datasets import check_dataset
+    from posetune.data.tools import check_dataset
 
     rows = []
     for split, index in check_dataset(args.root, args.splits, args.label).items():
@@ -148,10 +148,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from posetune.placement import local_shape
-    from posetune.results import summary_lines
-    from posetune.search import describe_plan, experiment_dir, plan_resources, run_search
-    from posetune.space import load_space, space_params
+    from posetune.cluster.placement import local_shape
+    from posetune.search.run import describe_plan, experiment_dir, plan_resources, run_search
+    from posetune.search.results import summary_lines
+    from posetune.search.space import load_space, space_params
 
     if args.retry_failed and not args.resume:
         from posetune.errors import ConfigError
@@ -169,7 +169,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     resume_hint = f"search interrupted; continue it with:\n  {' '.join(resume)}"
     tracking = contextlib.nullcontext()
     if space.tracking.enabled:
-        from posetune.tracking import SearchRun
+        from posetune.tracking.runs import SearchRun
 
         name, folder = space.storage.name, experiment_dir(space)
         tracking = SearchRun(space.tracking, name, folder, args.space, space_params(space))
@@ -194,7 +194,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     from posetune import storage
     from posetune.config import parse_override
     from posetune.errors import ConfigError
-    from posetune.results import load_results, rank, results_table
+    from posetune.search.results import load_results, rank, results_table
 
     storage_path = "runs/search"
     for text in args.overrides:
@@ -212,7 +212,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from posetune.errors import ConfigError
-    from posetune.tracking import experiment_urls, start_ui
+    from posetune.tracking.runs import experiment_urls, start_ui
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a TCP port: choose one from 1 to 65535")
@@ -241,7 +241,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_check(args: argparse.Namespace) -> int:
-    from posetune.clusterfiles import check_cluster_file
+    from posetune.cluster.files import check_cluster_file
 
     what = check_cluster_file(args.file)
     print(f"{args.file}: ok ({what})")
@@ -259,7 +259,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:
-    from posetune.metrics import METRIC_NAMES
+    from posetune.train.metrics import METRIC_NAMES
 
     print_table([[name, metrics[name]] for name in METRIC_NAMES if name in metrics], ["metric", "value"])
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from posetune import synth
+from posetune.data import synth
 
 
 @pytest.fixture(autouse=True, scope="session")

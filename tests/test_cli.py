@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from posetune.metrics import METRIC_NAMES
+from posetune.train.metrics import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["train.epochs=2", "val.eval_freq=1", "train.batch_size=8", "dataset.image_scale=64x40"]
@@ -136,7 +135,7 @@ def test_user_errors_leave_nothing_behind(tmp_path, monkeypatch):
 def test_experiments_open_on_the_runs_table(tmp_path):
     from mlflow import MlflowClient
 
-    from posetune.tracking import experiment_id_for
+    from posetune.tracking.runs import experiment_id_for
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

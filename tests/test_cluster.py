@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from posetune.data.tools import push_dataset
+from posetune.search.space import load_space
 
 from posetune import cli, storage
-from posetune.datasets import push_dataset
+from posetune.cluster.placement import DRIVER_RESOURCE
 from posetune.errors import ConfigError
-from posetune.placement import DRIVER_RESOURCE
-from posetune.search import run_search
-from posetune.space import load_space
+from posetune.search.run import run_search
 
 from search_helpers import tiny_space
 
@@ -45,7 +45,7 @@ def two_nodes(gcs):  # the emulator first: Ray's processes inherit its address
 def test_autoscaler_config_adapter_answers(two_nodes):
     """posetune.placement reads the autoscaler's node types through Ray's private state API:
     this fails loudly if a Ray upgrade moves it. A cluster without an autoscaler has none."""
-    from posetune.placement import autoscaler_nodes, cluster_shape
+    from posetune.cluster.placement import autoscaler_nodes, cluster_shape
 
     assert autoscaler_nodes() is None
     shape = cluster_shape()

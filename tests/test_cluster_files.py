@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from posetune import cli
-from posetune.clusterfiles import check_cluster_file
+from posetune.cluster.files import check_cluster_file
 from posetune.errors import ConfigError
 
 from conftest import free_port

@@ -3,10 +3,11 @@ import os
 
 import numpy as np
 import torch
+from posetune.data.perception import read_split
 
-from posetune import data
 from posetune.config import load_config
-from posetune.data import (
+from posetune.data import loader as data
+from posetune.data.loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DecodedImages,
@@ -16,7 +17,6 @@ from posetune.data import (
     set_epoch,
     to_model_input,
 )
-from posetune.perception import read_split
 
 
 def test_cache_is_built_once_and_matches_decoding(synth_small, tmp_path, monkeypatch):

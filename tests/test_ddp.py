@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from posetune.train.losses import get_orientation_loss, pose_loss
+from posetune.train.model import create_model, use_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel
 
 from posetune.config import ModelConfig
-from posetune.losses import get_orientation_loss, pose_loss
-from posetune.model import create_model, use_sync_batchnorm
 
 from conftest import free_port
 
@@ -99,7 +99,7 @@ def test_sync_batchnorm_two_ranks_equal_one_process_on_the_combined_batch():
 
 
 def _evaluate_rank(rank: int, port: int, root: str, out: dict) -> None:
-    from posetune.train import Runtime
+    from posetune.train.loop import Runtime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -113,8 +113,8 @@ def _evaluate_rank(rank: int, port: int, root: str, out: dict) -> None:
 def evaluate_once(root: str, runtime) -> dict[str, float]:
     """The metrics of a fixed model on the 32-frame val split, batches of 5 (uneven shards)."""
     from posetune.config import load_config
-    from posetune.data import load_split
-    from posetune.train import evaluate
+    from posetune.data.loader import load_split
+    from posetune.train.loop import evaluate
 
     cfg = load_config(None, [f"dataset.root={root}", "dataset.image_scale=48x48", "dataset.cache=false"], environ={})
     net = model().eval()
@@ -123,7 +123,7 @@ def evaluate_once(root: str, runtime) -> dict[str, float]:
 
 @pytest.mark.timeout(300)
 def test_gathered_validation_metrics_equal_one_process(synth_small):
-    from posetune.train import Runtime
+    from posetune.train.loop import Runtime
 
     single = evaluate_once(str(synth_small), Runtime(torch.device("cpu")))
     with mp.Manager() as manager:
@@ -138,7 +138,7 @@ def test_gathered_validation_metrics_equal_one_process(synth_small):
 def _group_rank(rank: int, port: int, out: dict) -> None:
     """Two micro-batches of one accumulation group on each rank, with and without saving the
     group's gradients (train._group_gradients) after the first."""
-    from posetune.train import Runtime, _group_gradients
+    from posetune.train.loop import Runtime, _group_gradients
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

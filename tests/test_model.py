@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torchvision
+from posetune.train.model import BACKBONES, create_backbone, create_model, list_backbones
 
 from posetune.config import ModelConfig
 from posetune.errors import ConfigError
-from posetune.model import BACKBONES, create_backbone, create_model, list_backbones
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -49,8 +49,9 @@ def test_translation_output_is_centred_on_the_training_labels():
 
 
 def test_unknown_backbone_lists_the_valid_names():
+    from posetune.train.model import create_backbone
+
     from posetune.config import load_config
-    from posetune.model import create_backbone
 
     with pytest.raises(ConfigError) as err:  # when the config is read, before any model is built
         load_config(overrides=["model.backbone=vgg61"], environ={})
@@ -63,7 +64,7 @@ def test_unknown_backbone_lists_the_valid_names():
 def test_pretrained_weights_come_from_a_local_file(tmp_path, caplog):
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
-    with caplog.at_level("INFO", logger="posetune.model"):
+    with caplog.at_level("INFO", logger="posetune.train.model"):
         backbone, _ = create_backbone("resnet18", str(tmp_path / "resnet18.pth"))
     assert torch.equal(backbone.conv1.weight, reference.conv1.weight)
     assert f"loaded resnet18 weights from {tmp_path / 'resnet18.pth'}" in caplog.text

@@ -4,10 +4,10 @@ import zipfile
 
 import numpy as np
 import pytest
+from posetune.data.perception import read_split
 
-from posetune.data import decode_image
+from posetune.data.loader import decode_image
 from posetune.errors import DataError
-from posetune.perception import read_split
 
 from conftest import legacy_capture, legacy_value, write_legacy, write_png, write_solo
 
@@ -159,7 +159,7 @@ def test_empty_dataset_and_missing_folders(tmp_path):
 
 def test_undecodable_image_names_the_file(tmp_path, synth_small):
     from posetune.config import load_config
-    from posetune.data import load_split
+    from posetune.data.loader import load_split
 
     shutil.copytree(synth_small, tmp_path / "d")
     broken = sorted((tmp_path / "d" / "val").glob("RGB*/rgb_5.png"))[0]

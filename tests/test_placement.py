@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from posetune.errors import ConfigError
-from posetune.placement import (
+from posetune.cluster.placement import (
     DRIVER_RESOURCE,
     HEAD_RESOURCE,
     START_TIMEOUT_AUTOSCALE_S,
@@ -15,6 +14,7 @@ from posetune.placement import (
     plan_resources,
     trials_that_fit,
 )
+from posetune.errors import ConfigError
 
 
 def nodes(count: int, **resources) -> list[Node]:

@@ -13,13 +13,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from posetune.search.results import Outcome
+from posetune.search.space import load_space
 
 from posetune import cli
 from posetune.choices import DIVERGED_SCORE
 from posetune.config import load_config
-from posetune.results import Outcome
-from posetune.search import plan_resources, run_search
-from posetune.space import load_space
+from posetune.search.run import plan_resources, run_search
 
 from search_helpers import read_results, tiny_space, wait_for
 
@@ -200,8 +200,8 @@ def test_worker_killed_mid_trial_resumes_from_its_checkpoint(ray_cluster, synth_
 
 
 def test_resource_plan_of_the_shipped_spaces():
+    from posetune.cluster.placement import ClusterShape, Node
     from posetune.errors import ConfigError
-    from posetune.placement import ClusterShape, Node
 
     def one_node(**resources):
         return ClusterShape([Node({k: float(v) for k, v in resources.items()})])
@@ -218,7 +218,7 @@ def test_resource_plan_of_the_shipped_spaces():
 
 
 def test_scratch_of_dead_workers_is_swept(tmp_path, monkeypatch):
-    from posetune.trial import sweep_scratch
+    from posetune.search.trial import sweep_scratch
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     tempfile.tempdir = None  # re-read TMPDIR
@@ -237,10 +237,10 @@ def test_a_train_run_restored_at_its_final_checkpoint_says_again_how_it_ended(ra
     run (same name and storage) resumes at its final checkpoint, has nothing left to train, and
     reports its last evaluation again rather than nothing (which would make it stopped_early)."""
     import ray.train
+    from posetune.search.trial import budget_config, train_worker
     from ray.train.torch import TorchTrainer
 
-    from posetune.search import absolute_paths
-    from posetune.trial import budget_config, train_worker
+    from posetune.search.run import absolute_paths
 
     space, base = load_space(
         tiny_space(tmp_path, synth_small, name="final", search__asha={"max_samples": 192, "grace_samples": 96})
@@ -283,11 +283,12 @@ def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path)
     end (trial.run_trial), and no listener hears of it, so its record and MLflow run stay final."""
     from types import SimpleNamespace
 
-    from posetune.placement import ClusterShape, Node
-    from posetune.placement import plan_resources as plan_for_nodes
-    from posetune.results import SearchResults, TrialEnded, TrialStarted
-    from posetune.search import TrialEvents
-    from posetune.trial import TrialSetup
+    from posetune.search.results import SearchResults, TrialEnded, TrialStarted
+    from posetune.search.trial import TrialSetup
+
+    from posetune.cluster.placement import ClusterShape, Node
+    from posetune.cluster.placement import plan_resources as plan_for_nodes
+    from posetune.search.run import TrialEvents
 
     space, base = load_space(tiny_space(tmp_path, synth_small))
     results = SearchResults(str(tmp_path / "results.json"), "pose_error", "min", {})

@@ -38,7 +38,7 @@ def made_up_recording(bench, count: int = 24) -> dict:
 
 @pytest.fixture(scope="module")
 def recording(bench):
-    from posetune.space import load_space
+    from posetune.search.space import load_space
 
     space, _ = load_space(bench.SPACE_FILE)
     return bench.Recording(made_up_recording(bench), space)

@@ -140,8 +140,9 @@ def test_search_in_a_bucket_resumes_from_a_fresh_machine(gcs, bucket, synth_smal
     """Everything lives in the bucket: after SIGKILL the search resumes from another working
     directory with an empty cache (a new head node), and its results, best config and best
     checkpoint are read from anywhere."""
+    from posetune.data.tools import push_dataset
+
     from posetune import storage
-    from posetune.datasets import push_dataset
 
     push_dataset(str(synth_small), f"gs://{bucket}/data")
     searches = f"gs://{bucket}/searches"
@@ -214,3 +215,54 @@ def test_search_in_a_bucket_resumes_from_a_fresh_machine(gcs, bucket, synth_smal
     )
     assert evaluated.returncode == 0 and "val split: 32 samples" in evaluated.stdout, evaluated.stderr
     assert sorted(p.name for p in third.iterdir()) == ["cache"]  # only the fetched dataset
+
+
+FLAT_LAYOUT_COMMIT = "7b443b200d278d24b9e661bcc54eb22c08e5fbc1"  # the last commit of the flat package
+
+
+def flat_layout_code(into) -> None:
+    """posetune as it was before the subpackages, from this checkout's history."""
+    listed = subprocess.run(["git", "cat-file", "-e", FLAT_LAYOUT_COMMIT], cwd=REPO, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("needs the git history of posetune (a clone, not an exported tree)")
+    archive = subprocess.run(["git", "archive", FLAT_LAYOUT_COMMIT, "posetune"], cwd=REPO, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+
+
+def test_a_search_started_with_the_flat_layout_resumes(synth_small, tmp_path):
+    """Tune pickled the old module paths (posetune.searchers, posetune.space, ...) into the
+    experiment; the new layout restores it and finishes the search."""
+    old = tmp_path / "flat-layout"
+    old.mkdir()
+    flat_layout_code(old)
+    space = tiny_space(
+        tmp_path,
+        synth_small,
+        name="f",
+        search__num_samples=2,
+        search__asha={"max_samples": 384, "grace_samples": 384, "reduction_factor": 2},
+        overrides={"val.eval_every_samples": 96},
+    )
+    with open(tmp_path / "old.txt", "w") as out:  # cwd first on sys.path: the old package is imported
+        driver = subprocess.Popen([sys.executable, "-m", "posetune", "search", str(space)], cwd=old, stdout=out, stderr=out)
+    try:
+        wait_for(lambda: any(r["samples_seen"] >= 192 for r in read_results(tmp_path, "f")), 400, "two results")
+    finally:
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=180)
+    assert driver.returncode == 130, (tmp_path / "old.txt").read_text()[-3000:]
+    tune_folder = tmp_path / "runs" / "f" / "tune"
+    pickled = b"".join(p.read_bytes() for p in tune_folder.iterdir() if p.suffix == ".pkl")
+    assert b"posetune.searchers" in pickled and b"posetune.search.searchers" not in pickled
+    wait_for(lambda: not ray_processes(), 60, "Ray processes to exit")
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "posetune", "search", str(space), "--resume"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["status"] for r in read_results(tmp_path, "f")] == ["completed", "completed"]
+    assert "Traceback" not in resumed.stderr

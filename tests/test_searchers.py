@@ -8,9 +8,8 @@ from unittest import mock
 
 import optuna
 import pytest
-
-from posetune.searchers import build_searcher, list_samplers
-from posetune.space import load_space
+from posetune.search.searchers import build_searcher, list_samplers
+from posetune.search.space import load_space
 
 REAL_RANDOM_DRAW = optuna.samplers.RandomSampler.sample_independent  # counted, still drawn
 

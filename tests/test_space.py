@@ -3,9 +3,9 @@
 import optuna
 import pytest
 import yaml
+from posetune.search.space import EFFECTIVE_BATCH, DefineByRun, accumulation_for, load_space, trial_config
 
 from posetune.errors import ConfigError
-from posetune.space import EFFECTIVE_BATCH, DefineByRun, accumulation_for, load_space, trial_config
 
 SPACE = {
     "base": {"config": "configs/quick.yaml", "overrides": {"dataset.root": "DATA"}},
@@ -243,7 +243,7 @@ def test_validating_a_search_file_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys; from posetune.space import load_space; load_space('search_spaces/quick.yaml'); "
+    code = "import sys; from posetune.search.space import load_space; load_space('search_spaces/quick.yaml'); "
     code += "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr

@@ -14,9 +14,9 @@ import typing
 
 import pytest
 import torch
+from posetune.train.checkpoint import load_checkpoint, save_checkpoint
 
 from posetune import storage
-from posetune.checkpoint import load_checkpoint, save_checkpoint
 from posetune.errors import CheckpointError, StorageError
 
 # --- Local ------------------------------------------------------------------------------------

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from posetune.data.geometry import quat_multiply
+from posetune.data.perception import read_split
 
-from posetune import synth
+from posetune.data import synth
 from posetune.errors import DataError
-from posetune.geometry import quat_multiply
-from posetune.perception import read_split
 
 
 def cube_mask(rgb: np.ndarray) -> np.ndarray:

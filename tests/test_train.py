@@ -3,15 +3,15 @@ import json
 import pytest
 import torch
 import yaml
+from posetune.train.checkpoint import load_checkpoint, save_checkpoint
+from posetune.train.losses import get_orientation_loss
+from posetune.train.metrics import METRIC_NAMES, pose_metrics
+from posetune.train.model import PoseNet
 
-from posetune.checkpoint import load_checkpoint, save_checkpoint
 from posetune.config import ModelConfig, OptimizerConfig, load_config
-from posetune.data import load_split, make_loader
+from posetune.data.loader import load_split, make_loader
 from posetune.errors import CheckpointError, ConfigError, DataError
-from posetune.losses import get_orientation_loss
-from posetune.metrics import METRIC_NAMES, pose_metrics
-from posetune.model import PoseNet
-from posetune.train import (
+from posetune.train.loop import (
     DIVERGENCE_CHECK_STEPS,
     Runtime,
     TrainingDiverged,

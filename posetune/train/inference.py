@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 
 from posetune import storage
-from posetune.checkpoint import load_checkpoint
 from posetune.config import Config, config_from_dict
-from posetune.data import decode_image, load_split
+from posetune.data.loader import decode_image, load_split
 from posetune.errors import CheckpointError, DataError, StorageError
-from posetune.model import PoseNet, create_model
-from posetune.train import Runtime, autocast_dtype, evaluate, resolve_device
+from posetune.train.loop import Runtime, autocast_dtype, evaluate, resolve_device
+from posetune.train.checkpoint import load_checkpoint
+from posetune.train.model import PoseNet, create_model
 
 
 def model_from_checkpoint(uri: str | Path, sha256: str | None = None) -> tuple[PoseNet, Config]:

@@ -6,7 +6,7 @@
   their GPUs, workers that cannot write to the bucket, a preemptible head, a VM image that
   changes under you, an image whose Ray differs from this machine's, public bindings.
 - A KubeRay ``RayJob`` (``cluster/kuberay.yaml``): the RayJob v1 schema (vendored in
-  ``posetune/schemas``), then the operator's own runtime rules the schema does not carry and
+  ``posetune/cluster/schemas``), then the operator's own runtime rules the schema does not carry and
   unknown fields (the schema allows any).
 
 Every problem is one line naming the node type or key, the value and the fix.
@@ -220,7 +220,7 @@ def _first_line(exc: Exception) -> str:
 
 
 def rayjob_schema() -> dict[str, Any]:
-    return json.loads(resources.files("posetune").joinpath("schemas/rayjob-v1.schema.json").read_text())
+    return json.loads(resources.files("posetune.cluster").joinpath("schemas/rayjob-v1.schema.json").read_text())
 
 
 def rayjob_problems(data: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from posetune import internals
-from posetune.space import DefineByRun, SearchSettings, SearchSpace
+from posetune.search.space import DefineByRun, SearchSettings, SearchSpace
 
 # search.searcher: the Optuna sampler, made from the search's settings. Its names are
 # posetune.choices.SEARCHERS (a test keeps the two equal). Model-based samplers start with

@@ -37,7 +37,7 @@ from typing import Any
 from posetune import storage
 from posetune.config import Config, TrackingConfig, flatten
 from posetune.errors import PosetuneError, TrainingDiverged
-from posetune.results import (
+from posetune.search.results import (
     REPORTED,
     Outcome,
     SearchEnded,
@@ -406,7 +406,7 @@ def _write_state(folder: str, state: dict[str, Any]) -> None:
 
 
 def _log_plots(client, run_id: str, study) -> None:
-    from posetune.plots import study_plots
+    from posetune.tracking.plots import study_plots
 
     with tempfile.TemporaryDirectory() as folder:
         for problem in study_plots(study, Path(folder)):
@@ -448,7 +448,7 @@ def register_model(uri: str, run_id: str, checkpoint: str, cfg: Config, name: st
     import mlflow
     import mlflow.pytorch
 
-    from posetune.inference import model_from_checkpoint
+    from posetune.train.inference import model_from_checkpoint
 
     model, _ = model_from_checkpoint(checkpoint)
     model.posetune_config = cfg.to_dict()

@@ -26,12 +26,13 @@ from typing import Any
 
 from ray import tune
 
-from posetune import internals, placement, storage
+from posetune import internals, storage
+from posetune.cluster import placement
+from posetune.cluster.placement import ClusterShape, ResourcePlan
 from posetune.config import Config
+from posetune.data.perception import read_split
 from posetune.errors import ConfigError, PosetuneError
-from posetune.perception import read_split
-from posetune.placement import ClusterShape, ResourcePlan
-from posetune.results import (
+from posetune.search.results import (
     REPORTED,
     Listener,
     Outcome,
@@ -45,9 +46,10 @@ from posetune.results import (
     TrialStarted,
     summary_lines,
 )
-from posetune.searchers import MODEL_BASED, build_scheduler, build_searcher
-from posetune.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, eval_milestone, used_values
-from posetune.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
+from posetune.search.legacy import alias_flat_layout
+from posetune.search.searchers import MODEL_BASED, build_scheduler, build_searcher
+from posetune.search.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, eval_milestone, used_values
+from posetune.search.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +210,8 @@ def ensure_dataset(space: SearchSpace, cfg: Config) -> int:
 def _generate_synthetic(root: str, splits: dict[str, int], seed: int) -> None:
     import tempfile
 
-    from posetune.datasets import push_dataset
-    from posetune.synth import generate
+    from posetune.data.synth import generate
+    from posetune.data.tools import push_dataset
 
     if storage.is_local(root):
         generate(storage.local_path(root, "dataset.root"), splits, seed=seed, overwrite=False)
@@ -327,6 +329,7 @@ def _tuner(
     storage_path, filesystem = storage.ray_storage(folder)
     if resume:
         log.info("resuming %s", folder)
+        alias_flat_layout()  # a search started before the package layout pickled the old names
         tuner = tune.Tuner.restore(
             f"{storage_path}/{TUNE_FOLDER}",
             trainable,
@@ -437,4 +440,5 @@ def load_study(folder: str):
     states = sorted(name for name in storage.list_files(tune_folder) if name.startswith("searcher-state-"))
     if not states:
         return None
+    alias_flat_layout()
     return internals.study_in_saved_state(pickle.loads(storage.read_bytes(storage.join(tune_folder, states[-1]))))

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - isal is a dependency, but keep the gen
     _deflate = zlib
 
 from posetune.errors import DataError
-from posetune.geometry import (
+from posetune.data.geometry import (
     project_unity,
     quat_conjugate,
     quat_from_axis_angle,

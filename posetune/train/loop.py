@@ -31,10 +31,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from posetune import storage
-from posetune.checkpoint import load_checkpoint, save_checkpoint
 from posetune.choices import better, metric_mode
 from posetune.config import Config, OptimizerConfig
-from posetune.data import (
+from posetune.data.loader import (
     PoseDataset,
     load_split,
     loader_workers,
@@ -44,9 +43,10 @@ from posetune.data import (
     to_model_input,
 )
 from posetune.errors import ConfigError, DataError, TrainingDiverged
-from posetune.losses import get_orientation_loss, pose_loss
-from posetune.metrics import pose_metrics
-from posetune.model import create_model, use_sync_batchnorm
+from posetune.train.checkpoint import load_checkpoint, save_checkpoint
+from posetune.train.losses import get_orientation_loss, pose_loss
+from posetune.train.metrics import pose_metrics
+from posetune.train.model import create_model, use_sync_batchnorm
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from posetune import storage
 from posetune.errors import DataError, StorageError
-from posetune.perception import PoseIndex, read_split
+from posetune.data.perception import PoseIndex, read_split
 
 log = logging.getLogger(__name__)
 

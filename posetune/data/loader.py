@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from posetune import storage
 from posetune.config import Config
 from posetune.errors import DataError
-from posetune.perception import PoseIndex, read_split
+from posetune.data.perception import PoseIndex, read_split
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """One search trial: a Ray Tune function that fits a Ray Train ``TorchTrainer``.
 
 Tune calls ``run_trial`` (the trial driver; it holds only a sliver of a CPU). It builds the
-trial's Config and a TorchTrainer whose workers run ``train_worker``: ``posetune.train.fit``
+trial's Config and a TorchTrainer whose workers run ``train_worker``: ``posetune.train.loop.fit``
 with Ray Train's rank, world size and device (Ray Train sets up torch.distributed, so DDP and
 the distributed sampler follow). At every evaluation each rank reports the metrics and
 samples seen; rank 0 attaches the run's checkpoint folder (last.pt plus the trial's best.pt).
@@ -24,10 +24,10 @@ from typing import Any
 
 from posetune import storage
 from posetune.choices import diverged_result
+from posetune.cluster.placement import ResourcePlan
 from posetune.config import Config, config_from_dict
-from posetune.placement import ResourcePlan
-from posetune.space import SearchSpace, eval_milestone, trial_config
-from posetune.train import TrainingDiverged, fit
+from posetune.search.space import SearchSpace, eval_milestone, trial_config
+from posetune.train.loop import TrainingDiverged, fit
 
 WORKER_RESTARTS = 2  # per trial, from the latest checkpoint
 CONTROLLER_RETRIES = 2  # worker-group start failures (e.g. resources never free) before giving up

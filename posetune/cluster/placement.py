@@ -257,7 +257,7 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-    hook: dict[str, Any] = {"worker_process_setup_hook": "posetune.worker_logging.quiet_ray_internals"}
+    hook: dict[str, Any] = {"worker_process_setup_hook": "posetune.cluster.worker_logging.quiet_ray_internals"}
     if os.environ.get("STORAGE_EMULATOR_HOST"):  # a GCS emulator reaches every worker too
         hook["env_vars"] = {"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}
     if os.environ.get("RAY_ADDRESS"):
