@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import yaml
-from posetune.data.synth import generate
 
 from posetune.config import load_config
 from posetune.data.loader import load_split
+from posetune.data.synth import generate
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]

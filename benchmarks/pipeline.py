@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from posetune.data.synth import generate
-from posetune.train.losses import get_orientation_loss
-from posetune.train.model import create_model
 
 from posetune.config import load_config
 from posetune.data.loader import load_split, loader_workers, make_loader
+from posetune.data.synth import generate
 from posetune.train.loop import Runtime, TrainState, autocast_dtype, resolve_device, train_one_epoch
+from posetune.train.losses import get_orientation_loss
+from posetune.train.model import create_model
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -85,10 +85,10 @@ def design(count: int) -> list[dict]:
 def record_one(job: tuple[int, dict]) -> dict:
     """Train one configuration to the full budget (in a worker process, one thread)."""
     import torch
-    from posetune.search.space import load_space
-    from posetune.search.trial import budget_config
 
     from posetune.search.run import absolute_paths, ensure_dataset
+    from posetune.search.space import load_space
+    from posetune.search.trial import budget_config
     from posetune.train.loop import TrainingDiverged, fit
 
     index, params = job
@@ -121,10 +121,9 @@ def record_one(job: tuple[int, dict]) -> dict:
 
 
 def record(count: int, processes: int) -> None:
-    from posetune.search.space import load_space
-
     from posetune.data.loader import load_split
     from posetune.search.run import absolute_paths, ensure_dataset
+    from posetune.search.space import load_space
 
     space, base = load_space(SPACE_FILE)
     base = absolute_paths(base)
@@ -240,13 +239,13 @@ def replay(
     """One search on a simulated clock, driven like Tune drives posetune's searcher and
     scheduler (posetune.search.searchers.build_searcher / build_scheduler). It ends when it has spent
     `budget` samples, or after `trials` trials (as search.num_samples does)."""
-    from posetune.search.searchers import SAMPLERS, build_scheduler, build_searcher
-    from posetune.search.space import DefineByRun, load_space
     from ray.tune.schedulers import TrialScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from posetune import internals
     from posetune.choices import diverged_result
+    from posetune.search.searchers import SAMPLERS, build_scheduler, build_searcher
+    from posetune.search.space import DefineByRun, load_space
 
     told = STRATEGIES[strategy][2]
     full_trials = trials or int(budget // recording_budget(recording))

@@ -62,7 +62,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from posetune.config import Config, load_config
     from posetune.errors import CheckpointError, ConfigError, DataError, PosetuneError
-    from posetune.train.loop import FitResult, fit
     from posetune.train.inference import evaluate_checkpoint, model_from_checkpoint, predict_images
+    from posetune.train.loop import FitResult, fit
     from posetune.train.metrics import METRIC_NAMES, pose_metrics
     from posetune.train.model import create_model, list_backbones

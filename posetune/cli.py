@@ -149,8 +149,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from posetune.cluster.placement import local_shape
-    from posetune.search.run import describe_plan, experiment_dir, plan_resources, run_search
     from posetune.search.results import summary_lines
+    from posetune.search.run import describe_plan, experiment_dir, plan_resources, run_search
     from posetune.search.space import load_space, space_params
 
     if args.retry_failed and not args.resume:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from posetune.train.metrics import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from posetune.data.tools import push_dataset
-from posetune.search.space import load_space
 
 from posetune import cli, storage
 from posetune.cluster.placement import DRIVER_RESOURCE
+from posetune.data.tools import push_dataset
 from posetune.errors import ConfigError
 from posetune.search.run import run_search
+from posetune.search.space import load_space
 
 from search_helpers import tiny_space
 

@@ -3,7 +3,6 @@ import os
 
 import numpy as np
 import torch
-from posetune.data.perception import read_split
 
 from posetune.config import load_config
 from posetune.data import loader as data
@@ -17,6 +16,7 @@ from posetune.data.loader import (
     set_epoch,
     to_model_input,
 )
+from posetune.data.perception import read_split
 
 
 def test_cache_is_built_once_and_matches_decoding(synth_small, tmp_path, monkeypatch):

@@ -9,11 +9,11 @@ import sys
 import threading
 
 import pytest
-from posetune.data.tools import push_dataset
 
 from posetune import storage
 from posetune.config import load_config
 from posetune.data.loader import load_split
+from posetune.data.tools import push_dataset
 from posetune.errors import DataError, StorageError
 
 FETCH_MESSAGE = "fetching gs://"

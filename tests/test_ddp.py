@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from posetune.train.losses import get_orientation_loss, pose_loss
-from posetune.train.model import create_model, use_sync_batchnorm
 from torch.nn.parallel import DistributedDataParallel
 
 from posetune.config import ModelConfig
+from posetune.train.losses import get_orientation_loss, pose_loss
+from posetune.train.model import create_model, use_sync_batchnorm
 
 from conftest import free_port
 

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+
 from posetune.data.geometry import quat_from_axis_angle
+from posetune.errors import ConfigError
 from posetune.train.losses import ORIENTATION_LOSSES, get_orientation_loss, pose_loss
 from posetune.train.metrics import METRIC_NAMES, metric_mode, pose_metrics, rotation_angle
-
-from posetune.errors import ConfigError
 
 
 def q(axis: str, degrees: float) -> torch.Tensor:

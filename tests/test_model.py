@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torchvision
-from posetune.train.model import BACKBONES, create_backbone, create_model, list_backbones
 
 from posetune.config import ModelConfig
 from posetune.errors import ConfigError
+from posetune.train.model import BACKBONES, create_backbone, create_model, list_backbones
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -49,9 +49,8 @@ def test_translation_output_is_centred_on_the_training_labels():
 
 
 def test_unknown_backbone_lists_the_valid_names():
-    from posetune.train.model import create_backbone
-
     from posetune.config import load_config
+    from posetune.train.model import create_backbone
 
     with pytest.raises(ConfigError) as err:  # when the config is read, before any model is built
         load_config(overrides=["model.backbone=vgg61"], environ={})

@@ -4,9 +4,9 @@ import zipfile
 
 import numpy as np
 import pytest
-from posetune.data.perception import read_split
 
 from posetune.data.loader import decode_image
+from posetune.data.perception import read_split
 from posetune.errors import DataError
 
 from conftest import legacy_capture, legacy_value, write_legacy, write_png, write_solo

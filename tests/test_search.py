@@ -13,13 +13,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from posetune.search.results import Outcome
-from posetune.search.space import load_space
 
 from posetune import cli
 from posetune.choices import DIVERGED_SCORE
 from posetune.config import load_config
+from posetune.search.results import Outcome
 from posetune.search.run import plan_resources, run_search
+from posetune.search.space import load_space
 
 from search_helpers import read_results, tiny_space, wait_for
 
@@ -237,10 +237,10 @@ def test_a_train_run_restored_at_its_final_checkpoint_says_again_how_it_ended(ra
     run (same name and storage) resumes at its final checkpoint, has nothing left to train, and
     reports its last evaluation again rather than nothing (which would make it stopped_early)."""
     import ray.train
-    from posetune.search.trial import budget_config, train_worker
     from ray.train.torch import TorchTrainer
 
     from posetune.search.run import absolute_paths
+    from posetune.search.trial import budget_config, train_worker
 
     space, base = load_space(
         tiny_space(tmp_path, synth_small, name="final", search__asha={"max_samples": 192, "grace_samples": 96})
@@ -283,12 +283,11 @@ def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path)
     end (trial.run_trial), and no listener hears of it, so its record and MLflow run stay final."""
     from types import SimpleNamespace
 
-    from posetune.search.results import SearchResults, TrialEnded, TrialStarted
-    from posetune.search.trial import TrialSetup
-
     from posetune.cluster.placement import ClusterShape, Node
     from posetune.cluster.placement import plan_resources as plan_for_nodes
+    from posetune.search.results import SearchResults, TrialEnded, TrialStarted
     from posetune.search.run import TrialEvents
+    from posetune.search.trial import TrialSetup
 
     space, base = load_space(tiny_space(tmp_path, synth_small))
     results = SearchResults(str(tmp_path / "results.json"), "pose_error", "min", {})

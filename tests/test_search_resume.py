@@ -140,9 +140,8 @@ def test_search_in_a_bucket_resumes_from_a_fresh_machine(gcs, bucket, synth_smal
     """Everything lives in the bucket: after SIGKILL the search resumes from another working
     directory with an empty cache (a new head node), and its results, best config and best
     checkpoint are read from anywhere."""
-    from posetune.data.tools import push_dataset
-
     from posetune import storage
+    from posetune.data.tools import push_dataset
 
     push_dataset(str(synth_small), f"gs://{bucket}/data")
     searches = f"gs://{bucket}/searches"
@@ -244,7 +243,9 @@ def test_a_search_started_with_the_flat_layout_resumes(synth_small, tmp_path):
         overrides={"val.eval_every_samples": 96},
     )
     with open(tmp_path / "old.txt", "w") as out:  # cwd first on sys.path: the old package is imported
-        driver = subprocess.Popen([sys.executable, "-m", "posetune", "search", str(space)], cwd=old, stdout=out, stderr=out)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "posetune", "search", str(space)], cwd=old, stdout=out, stderr=out
+        )
     try:
         wait_for(lambda: any(r["samples_seen"] >= 192 for r in read_results(tmp_path, "f")), 400, "two results")
     finally:

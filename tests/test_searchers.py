@@ -8,6 +8,7 @@ from unittest import mock
 
 import optuna
 import pytest
+
 from posetune.search.searchers import build_searcher, list_samplers
 from posetune.search.space import load_space
 

@@ -3,9 +3,9 @@
 import optuna
 import pytest
 import yaml
-from posetune.search.space import EFFECTIVE_BATCH, DefineByRun, accumulation_for, load_space, trial_config
 
 from posetune.errors import ConfigError
+from posetune.search.space import EFFECTIVE_BATCH, DefineByRun, accumulation_for, load_space, trial_config
 
 SPACE = {
     "base": {"config": "configs/quick.yaml", "overrides": {"dataset.root": "DATA"}},

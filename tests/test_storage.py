@@ -14,10 +14,10 @@ import typing
 
 import pytest
 import torch
-from posetune.train.checkpoint import load_checkpoint, save_checkpoint
 
 from posetune import storage
 from posetune.errors import CheckpointError, StorageError
+from posetune.train.checkpoint import load_checkpoint, save_checkpoint
 
 # --- Local ------------------------------------------------------------------------------------
 

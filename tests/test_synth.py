@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
-from posetune.data.geometry import quat_multiply
-from posetune.data.perception import read_split
 
 from posetune.data import synth
+from posetune.data.geometry import quat_multiply
+from posetune.data.perception import read_split
 from posetune.errors import DataError
 
 

@@ -364,9 +364,8 @@ def test_a_user_error_before_training_logs_nothing(tmp_path):
 def test_a_search_run_is_a_listener_that_closes_its_parent(tmp_path):
     """The search's events, sent by hand: a parent, one child per trial, and the parent FAILED
     when the search raises after it started."""
-    from posetune.search.results import Outcome, SearchStarted, TrialEnded, TrialReported, TrialStarted
-
     from posetune.config import Config, TrackingConfig
+    from posetune.search.results import Outcome, SearchStarted, TrialEnded, TrialReported, TrialStarted
     from posetune.tracking.runs import SearchRun
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -3,14 +3,11 @@ import json
 import pytest
 import torch
 import yaml
-from posetune.train.checkpoint import load_checkpoint, save_checkpoint
-from posetune.train.losses import get_orientation_loss
-from posetune.train.metrics import METRIC_NAMES, pose_metrics
-from posetune.train.model import PoseNet
 
 from posetune.config import ModelConfig, OptimizerConfig, load_config
 from posetune.data.loader import load_split, make_loader
 from posetune.errors import CheckpointError, ConfigError, DataError
+from posetune.train.checkpoint import load_checkpoint, save_checkpoint
 from posetune.train.loop import (
     DIVERGENCE_CHECK_STEPS,
     Runtime,
@@ -20,6 +17,9 @@ from posetune.train.loop import (
     lr_at,
     train_one_epoch,
 )
+from posetune.train.losses import get_orientation_loss
+from posetune.train.metrics import METRIC_NAMES, pose_metrics
+from posetune.train.model import PoseNet
 
 TINY = [
     "model.backbone=mobilenet_v3_small",

@@ -32,6 +32,7 @@ from posetune.cluster.placement import ClusterShape, ResourcePlan
 from posetune.config import Config
 from posetune.data.perception import read_split
 from posetune.errors import ConfigError, PosetuneError
+from posetune.search.legacy import alias_flat_layout
 from posetune.search.results import (
     REPORTED,
     Listener,
@@ -46,7 +47,6 @@ from posetune.search.results import (
     TrialStarted,
     summary_lines,
 )
-from posetune.search.legacy import alias_flat_layout
 from posetune.search.searchers import MODEL_BASED, build_scheduler, build_searcher
 from posetune.search.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, eval_milestone, used_values
 from posetune.search.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node

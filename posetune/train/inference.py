@@ -11,8 +11,8 @@ from posetune import storage
 from posetune.config import Config, config_from_dict
 from posetune.data.loader import decode_image, load_split
 from posetune.errors import CheckpointError, DataError, StorageError
-from posetune.train.loop import Runtime, autocast_dtype, evaluate, resolve_device
 from posetune.train.checkpoint import load_checkpoint
+from posetune.train.loop import Runtime, autocast_dtype, evaluate, resolve_device
 from posetune.train.model import PoseNet, create_model
 
 
