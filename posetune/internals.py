@@ -56,6 +56,34 @@ def autoscaler_cluster_config():
     return state.get_cluster_config()
 
 
+def prepared_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A cluster-launcher file filled with the provider's defaults, as `ray up` and the
+    autoscaler see it (per-type min/max workers included). Offline."""
+    import copy
+    import logging
+
+    from ray.autoscaler._private.util import prepare_config
+
+    logging.getLogger("ray.autoscaler._private.util").setLevel(logging.WARNING)  # its INFO notes
+    return prepare_config(copy.deepcopy(config))
+
+
+def kuberay_autoscaling_config(cluster_name: str, namespace: str) -> dict[str, Any]:
+    """The autoscaling config Ray's KubeRay autoscaler derives from a RayCluster resource: one GET
+    on the Kubernetes API with the pod's service-account token, then Ray's own translation."""
+    from ray.autoscaler._private.kuberay import node_provider
+
+    ray_cr = node_provider.KubernetesHttpApiClient(namespace=namespace).get(f"rayclusters/{cluster_name}")
+    return kuberay_config_from_resource(ray_cr)
+
+
+def kuberay_config_from_resource(ray_cr: dict[str, Any]) -> dict[str, Any]:
+    """Ray's translation of a RayCluster resource into an autoscaling config (offline)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    return _derive_autoscaling_config_from_ray_cr(ray_cr)
+
+
 def validated_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
     """A cluster-launcher file as `ray up` sees it: filled with the provider's defaults, then
     checked against Ray's schema (raises jsonschema's ValidationError or ValueError). Offline:

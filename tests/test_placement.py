@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from posetune.cluster.autoscaler import Autoscaler, NodeType
 from posetune.cluster.placement import (
     DRIVER_RESOURCE,
     HEAD_RESOURCE,
@@ -60,8 +61,8 @@ def test_autoscaler_from_zero_gpus_plans_for_its_maximum_and_asks_for_gpus():
     # Head (CPU only, hosts drivers) is up; the autoscaler may start up to 4 L4 nodes (1 GPU)
     # and 2 A100 nodes (8 GPUs each), none of them up yet.
     head = nodes(1, CPU=8, **{DRIVER_RESOURCE: 1000, HEAD_RESOURCE: 1})
-    potential = head + nodes(4, CPU=8, GPU=1) + nodes(2, CPU=96, GPU=8)
-    p = plan(ClusterShape(head, potential), cpus=6, samples=48)
+    types = (NodeType("l4", {"CPU": 8, "GPU": 1}, 0, 4), NodeType("a100", {"CPU": 96, "GPU": 8}, 0, 2))
+    p = plan(ClusterShape(head, Autoscaler(types, 6, "test")), cpus=6, samples=48)
     assert p.gpus_per_worker == 1.0 and p.worker == {"CPU": 6, "GPU": 1.0}  # auto asks for GPUs
     # 4 on L4 nodes (one each) + 16 on the A100 nodes (96 CPUs / 6 = 16 >= 8 GPUs: 8 each).
     assert p.concurrency == 4 + 16 and p.fit_now == 0
@@ -70,16 +71,36 @@ def test_autoscaler_from_zero_gpus_plans_for_its_maximum_and_asks_for_gpus():
     assert any("wait for the autoscaler" in note for note in p.notes)
 
 
+def test_the_cluster_wide_cap_bounds_the_nodes_the_plan_counts_on():
+    head = nodes(1, CPU=2, **{HEAD_RESOURCE: 1})
+    types = (NodeType("l4", {"CPU": 8, "GPU": 1}, 0, 4), NodeType("a100", {"CPU": 96, "GPU": 8}, 0, 2))
+    # Room for 3 worker nodes: the A100 type holds 8 trials a node, so two of those, then one L4.
+    p = plan(ClusterShape(head, Autoscaler(types, 3, "test")), cpus=6, samples=48)
+    assert p.concurrency == 8 + 8 + 1 and p.fit_now == 0
+    # One L4 node already up counts against the cap and its type's maximum.
+    up = [*head, Node({"CPU": 8, "GPU": 1}, "l4")]
+    assert plan(ClusterShape(up, Autoscaler(types[:1], 2, "test")), cpus=6, samples=48).concurrency == 2
+    # An explicit concurrency above what can ever fit is capped, with a note saying so.
+    capped = plan(ClusterShape(head, Autoscaler(types[:1], 2, "test")), cpus=6, samples=48, concurrent=10)
+    assert capped.concurrency == 2 and "capped at 2" in capped.notes[0]
+
+
+def test_a_cpu_only_cluster_with_startable_gpu_types_asks_for_gpus():
+    head = nodes(1, CPU=2, **{HEAD_RESOURCE: 1})
+    p = plan(ClusterShape(head, Autoscaler((NodeType("l4", {"CPU": 8, "GPU": 1}, 0, 2),), 2, "test")), cpus=6)
+    assert p.worker == {"CPU": 6, "GPU": 1.0} and p.concurrency == 2 and p.fit_now == 0
+
+
 def test_explicit_concurrency_and_gpu_count():
     cluster = ClusterShape(nodes(2, CPU=8, GPU=2))
     p = plan(cluster, gpus=2, cpus=4, concurrent=5)
-    assert p.concurrency == 5 and p.fit_now == 2 and p.worker == {"CPU": 4, "GPU": 2.0}
-    assert "search.max_concurrent_trials = 5, but only 2 fit" in p.notes[0]
+    assert p.concurrency == 2 and p.fit_now == 2 and p.worker == {"CPU": 4, "GPU": 2.0}
+    assert "search.max_concurrent_trials = 5, but only 2 fit the nodes up: capped at 2" in p.notes[0]
     assert plan(cluster, gpus=0, cpus=4).gpus_per_worker == 0.0  # an explicit 0 means CPU
 
 
 def test_a_trial_that_can_never_be_placed_is_an_error_naming_the_resources():
-    cluster = ClusterShape(nodes(1, CPU=8), nodes(1, CPU=8) + nodes(3, CPU=16, GPU=1))
+    cluster = ClusterShape(nodes(1, CPU=8), Autoscaler((NodeType("g", {"CPU": 16, "GPU": 1}, 0, 3),), 3, "test"))
     with pytest.raises(ConfigError, match=r"2 worker\(s\) of \{CPU: 4, GPU: 2\} but no node can hold that"):
         plan(cluster, workers=2, cpus=4, gpus=2)
     with pytest.raises(ConfigError, match=r"the largest node has \{CPU: 16, GPU: 1\}"):
@@ -89,4 +110,4 @@ def test_a_trial_that_can_never_be_placed_is_an_error_naming_the_resources():
 def test_multi_node_is_judged_on_what_the_cluster_may_become():
     assert not ClusterShape(nodes(1, CPU=2)).multi_node
     assert ClusterShape(nodes(2, CPU=2)).multi_node
-    assert ClusterShape(nodes(1, CPU=2), nodes(1, CPU=2) + nodes(1, CPU=8, GPU=1)).multi_node
+    assert ClusterShape(nodes(1, CPU=2), Autoscaler((NodeType("g", {"CPU": 8, "GPU": 1}, 0, 1),), 1, "test")).multi_node

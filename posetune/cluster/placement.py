@@ -5,8 +5,10 @@ A trial is one driver (Tune's function plus the Ray Train controller: it only wa
 ``workers_per_trial`` worker bundles of ``{CPU: c, GPU: g}``. Ray places each bundle on one
 node, so the plan packs bundles onto *nodes*, never onto cluster totals: three 4-CPU nodes hold
 three 3-CPU workers (one each), not the four that 12 CPUs suggest. With an autoscaler the plan
-packs onto the largest cluster it may grow to (every node type at its ``max_workers``);
-trials beyond what is up now wait for the autoscaler to start nodes instead of failing.
+packs onto the largest cluster it may grow to for these workers (the node types that hold them,
+each at its ``max_workers``, all within the cluster-wide cap; ``cluster/autoscaler.py`` says
+where the node types are read); trials beyond what is up now wait for the autoscaler to start
+nodes instead of failing.
 
 Trial drivers ask for the custom resource ``posetune_driver`` when any node offers it: a
 cluster file gives it to the head and to non-preemptible nodes (``cluster/gcp.yaml`` does), so
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posetune import internals, storage
+from posetune.cluster.autoscaler import Autoscaler, find_autoscaler
 from posetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,29 +55,56 @@ class Node:
 
 @dataclass
 class ClusterShape:
-    """The nodes up now and, with an autoscaler, the nodes it may grow to (each node type at its
-    maximum count, the ones up now included)."""
+    """The nodes up now and, with an autoscaler, the node types it may start."""
 
     up: list[Node]
-    potential: list[Node] | None = None  # None: no autoscaler (the cluster is what is up)
+    autoscaler: Autoscaler | None = None
+
+    def largest_for(self, worker: dict[str, float]) -> list[Node]:
+        """The nodes up plus every node the autoscaler may add for workers of this bundle.
+
+        The cluster-wide cap (``max_workers``) bounds the nodes added, so the types that hold
+        the most bundles per node come first, each up to its own maximum. A node up counts
+        against its type's maximum when its CPUs and GPUs match the type's."""
+        if self.autoscaler is None:
+            return self.up
+        room = self.autoscaler.max_workers - (len(self.up) - 1)  # the head is not a worker
+        added: list[Node] = []
+        by_yield = sorted(
+            self.autoscaler.node_types, key=lambda t: -trials_that_fit([Node(t.resources)], worker, 1, 10**6)
+        )
+        for node_type in by_yield:
+            if room <= 0:
+                break
+            if not _holds(node_type.resources, worker):
+                continue
+            running = sum(1 for node in self.up if _same_shape(node.resources, node_type.resources))
+            count = max(0, min(node_type.max_workers - running, room))
+            added += [Node(node_type.resources, node_type.name)] * count
+            room -= count
+        return self.up + added
 
     @property
     def largest(self) -> list[Node]:
-        return self.potential if self.potential is not None else self.up
+        """Every node the cluster may ever hold, whatever the workers ask (each type at its max)."""
+        if self.autoscaler is None:
+            return self.up
+        return self.up + [Node(t.resources, t.name) for t in self.autoscaler.node_types for _ in range(t.max_workers)]
 
     @property
     def multi_node(self) -> bool:
-        return len(self.up) > 1 or len(self.largest) > 1
+        return len(self.up) > 1 or (self.autoscaler is not None and self.autoscaler.max_workers > 0)
 
     def describe(self) -> str:
-        def totals(nodes: list[Node]) -> str:
-            cpus, gpus = sum(n.cpus for n in nodes), sum(n.gpus for n in nodes)
-            return f"{len(nodes)} node(s), {cpus:g} CPUs, {gpus:g} GPUs"
-
-        text = totals(self.up) + " up"
-        if self.potential is not None:
-            text += f"; autoscaler up to {totals(self.potential)}"
+        cpus, gpus = sum(n.cpus for n in self.up), sum(n.gpus for n in self.up)
+        text = f"{len(self.up)} node(s), {cpus:g} CPUs, {gpus:g} GPUs up"
+        if self.autoscaler is not None:
+            text += f"; autoscaler: {self.autoscaler.describe()}"
         return text
+
+
+def _same_shape(a: dict[str, float], b: dict[str, float]) -> bool:
+    return all(abs(a.get(key, 0.0) - b.get(key, 0.0)) < 1e-9 for key in ("CPU", "GPU"))
 
 
 @dataclass
@@ -133,7 +163,7 @@ def plan_resources(
 ) -> ResourcePlan:
     """The plan for a search on `cluster`; a ConfigError when no trial could ever be placed."""
     notes = []
-    any_gpu = any(node.gpus > 0 for node in cluster.largest)
+    any_gpu = any(node.gpus > 0 for node in cluster.largest)  # up, or a type the autoscaler may start
     if gpus_per_worker == "auto":
         gpus = 1.0 if any_gpu else 0.0
         if not any_gpu:
@@ -141,7 +171,8 @@ def plan_resources(
     else:
         gpus = float(gpus_per_worker)
     worker = {"CPU": cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    fit_largest = trials_that_fit(cluster.largest, worker, workers_per_trial, num_samples)
+    largest = cluster.largest_for(worker)
+    fit_largest = trials_that_fit(largest, worker, workers_per_trial, num_samples)
     if fit_largest < 1:
         biggest = max(cluster.largest, key=lambda n: (n.gpus, n.cpus), default=Node({}))
         raise ConfigError(
@@ -152,12 +183,16 @@ def plan_resources(
     fit_now = trials_that_fit(cluster.up, worker, workers_per_trial, num_samples)
     concurrency = fit_largest
     if max_concurrent_trials is not None:
-        concurrency = max_concurrent_trials
+        concurrency = min(max_concurrent_trials, fit_largest)
         if max_concurrent_trials > fit_largest:
-            notes.append(f"search.max_concurrent_trials = {max_concurrent_trials}, but only {fit_largest} fit")
+            where = "the largest the cluster may grow to" if cluster.autoscaler else "the nodes up"
+            notes.append(
+                f"search.max_concurrent_trials = {max_concurrent_trials}, but only {fit_largest} fit {where}: "
+                f"capped at {fit_largest}"
+            )
     if fit_now < concurrency:
         notes.append(f"{fit_now} trial(s) fit the nodes up now; the rest wait for the autoscaler")
-    timeout = START_TIMEOUT_AUTOSCALE_S if cluster.potential is not None else START_TIMEOUT_NOW_S
+    timeout = START_TIMEOUT_AUTOSCALE_S if cluster.autoscaler is not None else START_TIMEOUT_NOW_S
     return ResourcePlan(gpus, concurrency, fit_now, worker, driver_request(cluster), timeout, cluster.describe(), notes)
 
 
@@ -177,8 +212,9 @@ def _format(resources: dict[str, float]) -> str:
 # --- Reading the cluster (Ray) ----------------------------------------------------------------
 
 
-def cluster_shape() -> ClusterShape:
-    """The connected Ray cluster's nodes, and its autoscaler's node types when it has one."""
+def cluster_shape(explicit: Autoscaler | None = None) -> ClusterShape:
+    """The connected Ray cluster's nodes, and the node types its autoscaler may start
+    (``autoscaler.find_autoscaler``: the search file's, then what Ray provides)."""
     import ray
 
     up = [
@@ -186,22 +222,7 @@ def cluster_shape() -> ClusterShape:
         for node in ray.nodes()
         if node.get("Alive")
     ]
-    return ClusterShape(up, autoscaler_nodes())
-
-
-def autoscaler_nodes() -> list[Node] | None:
-    """Every node the autoscaler may run (each node type at its max count), or None without
-    one. Read from the cluster config the autoscaler publishes in Ray's GCS (a private API,
-    behind posetune.internals)."""
-    config = internals.autoscaler_cluster_config()
-    if config is None or not config.node_group_configs:
-        return None
-    nodes = []
-    for group in config.node_group_configs:
-        resources = {key: float(value) for key, value in group.resources.items()}
-        count = group.max_count if group.max_count >= 0 else 1000  # -1: unlimited
-        nodes += [Node(resources, group.name)] * count
-    return nodes
+    return ClusterShape(up, find_autoscaler(explicit))
 
 
 # --- This machine and the cluster ---------------------------------------------------------------

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from posetune import storage
 from posetune.choices import METRIC_NAMES, SCHEDULERS, SEARCHERS, check_choice, did_you_mean, metric_mode
+from posetune.cluster.autoscaler import Autoscaler, from_launcher_config
 from posetune.config import (
     Config,
     TrackingConfig,
@@ -138,6 +139,14 @@ class SearchSettings(_Strict):
         return self.mode or metric_mode(self.metric)
 
 
+class NodeTypeSpec(_Strict):
+    """One worker node type of the cluster, as in a cluster file's available_node_types."""
+
+    resources: dict[str, float]  # what one node offers Ray: {CPU: 8, GPU: 1}
+    min_workers: int = Field(0, ge=0)
+    max_workers: int = Field(gt=0)
+
+
 class Resources(_Strict):
     workers_per_trial: int = Field(1, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -146,6 +155,18 @@ class Resources(_Strict):
     # Price of one resource-hour ({GPU: 0.85, CPU: 0.035}, in your currency): the summary,
     # results.json and MLflow then report what the trials' workers cost, not only how long.
     prices: dict[Literal["CPU", "GPU"], float] = Field(default_factory=dict)
+    # The node types an autoscaler may start, when posetune cannot read them from the cluster
+    # (see posetune/cluster/autoscaler.py for where it looks), and the cluster-wide cap on workers.
+    node_types: dict[str, NodeTypeSpec] = Field(default_factory=dict)
+    max_workers: int | None = Field(None, ge=0)  # None: the sum of the types' max_workers
+
+    def autoscaler(self) -> Autoscaler | None:
+        """The search file's node types (the user's override), or None to read the cluster's."""
+        if not self.node_types:
+            return None
+        types = {name: spec.model_dump() for name, spec in self.node_types.items()}
+        config = {"available_node_types": types, "max_workers": self.max_workers}
+        return from_launcher_config(config, "the search file (resources.node_types)")
 
 
 class Storage(_Strict):
