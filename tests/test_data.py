@@ -5,12 +5,11 @@ import numpy as np
 import torch
 
 from posetune.config import load_config
-from posetune.data import loader as data
+from posetune.data import cache
+from posetune.data.cache import DecodedImages, cached_images
 from posetune.data.loader import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    DecodedImages,
-    cached_images,
     load_split,
     make_loader,
     set_epoch,
@@ -22,8 +21,8 @@ from posetune.data.perception import read_split
 def test_cache_is_built_once_and_matches_decoding(synth_small, tmp_path, monkeypatch):
     index = read_split(synth_small, "val", "cube_position")
     builds = []
-    original = data._build_cache
-    monkeypatch.setattr(data, "_build_cache", lambda *a: builds.append(a) or original(*a))
+    original = cache._build_cache
+    monkeypatch.setattr(cache, "_build_cache", lambda *a: builds.append(a) or original(*a))
     first = cached_images(index, [195, 165, 455, 325], (64, 40), tmp_path)
     again = cached_images(index, [195, 165, 455, 325], (64, 40), tmp_path)
     assert len(builds) == 1 and first.shape == (32, 40, 64, 3) and isinstance(again, np.memmap)

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from posetune import storage
 from posetune.config import load_config
+from posetune.data.fetch import fetch_dataset
 from posetune.data.loader import load_split
 from posetune.data.tools import push_dataset
 from posetune.errors import DataError, StorageError
@@ -24,7 +24,7 @@ def fetches(caplog) -> int:
 
 
 def test_push_then_fetch_once_per_node_and_again_after_a_change(gcs, bucket, synth_small, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="posetune.storage")
+    caplog.set_level(logging.INFO, logger="posetune.data.fetch")
     indexes, sent = push_dataset(str(synth_small), f"gs://{bucket}/synth")
     assert set(indexes) == {"train", "val", "test"} and len(indexes["train"]) == 96 and sent > 0
     names = gcs.names(bucket)
@@ -33,8 +33,7 @@ def test_push_then_fetch_once_per_node_and_again_after_a_change(gcs, bucket, syn
     cache = tmp_path / "cache"
     results: list = []
     threads = [
-        threading.Thread(target=lambda: results.append(storage.fetch_dataset(f"gs://{bucket}/synth", cache)))
-        for _ in range(4)
+        threading.Thread(target=lambda: results.append(fetch_dataset(f"gs://{bucket}/synth", cache))) for _ in range(4)
     ]
     for thread in threads:
         thread.start()
@@ -43,12 +42,12 @@ def test_push_then_fetch_once_per_node_and_again_after_a_change(gcs, bucket, syn
     assert fetches(caplog) == 1 and len(set(results)) == 1  # four concurrent users, one download
     local = results[0]
     assert (local / "train").is_dir() and (local / "val").is_dir()
-    assert storage.fetch_dataset(f"gs://{bucket}/synth", cache) == local and fetches(caplog) == 1  # unchanged
+    assert fetch_dataset(f"gs://{bucket}/synth", cache) == local and fetches(caplog) == 1  # unchanged
 
     # A changed object (a relabelled capture file) is fetched again, into a new version.
     blob = next(b for b in gcs.client.list_blobs(bucket, prefix="synth/val/") if b.name.endswith(".json"))
     blob.upload_from_string(blob.download_as_bytes())
-    again = storage.fetch_dataset(f"gs://{bucket}/synth", cache)
+    again = fetch_dataset(f"gs://{bucket}/synth", cache)
     assert fetches(caplog) == 2 and again != local and (again / "val").is_dir()
 
     # Training reads it through the same path: dataset.root is the bucket.
@@ -60,19 +59,19 @@ def test_push_then_fetch_once_per_node_and_again_after_a_change(gcs, bucket, syn
 
 
 def test_zipped_dataset_in_a_bucket(gcs, bucket, synth_small, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="posetune.storage")
+    caplog.set_level(logging.INFO, logger="posetune.data.fetch")
     push_dataset(str(synth_small), f"gs://{bucket}/synth.zip")
     assert gcs.names(bucket) == ["synth.zip"]
-    local = storage.fetch_dataset(f"gs://{bucket}/synth.zip", tmp_path)
+    local = fetch_dataset(f"gs://{bucket}/synth.zip", tmp_path)
     assert local.name == "synth.zip" and local.is_file()
-    assert storage.fetch_dataset(f"gs://{bucket}/synth.zip", tmp_path) == local and fetches(caplog) == 1
+    assert fetch_dataset(f"gs://{bucket}/synth.zip", tmp_path) == local and fetches(caplog) == 1
     root = f"gs://{bucket}/synth.zip"
     cfg = load_config(
         overrides=[f"dataset.root={root}", f"dataset.cache_dir={tmp_path}", "dataset.image_scale=64x40"], environ={}
     )
     assert len(load_split(cfg, "val")) == 32
     with pytest.raises(DataError, match=f"dataset.root gs://{bucket}/other.zip does not exist"):
-        storage.fetch_dataset(f"gs://{bucket}/other.zip", tmp_path)
+        fetch_dataset(f"gs://{bucket}/other.zip", tmp_path)
 
 
 def test_push_validates_before_uploading_anything(gcs, bucket, synth_small, tmp_path):

@@ -5,7 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from posetune.data.loader import decode_image
+from posetune.data.cache import decode_image
 from posetune.data.perception import read_split
 from posetune.errors import DataError
 

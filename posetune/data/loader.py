@@ -1,131 +1,26 @@
-"""From a Perception split to batches: decode, crop, resize, cache, shard, shuffle.
+"""From a Perception split to batches: fetch, decode, shard, shuffle.
 
-Images are decoded once into a uint8 cache file (N, H, W, 3) keyed by the source files, the
-crop and the size, then memory-mapped: later epochs, later runs and other trials on the same
-node read it through the page cache instead of decoding PNGs. Batches stay uint8 until they
-reach the device, where ``to_model_input`` scales and normalises them.
+Images come from the decoded-image cache (``data.cache``) or are decoded on demand. Batches
+stay uint8 until they reach the device, where ``to_model_input`` scales and normalises them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import itertools
-import json
-import logging
 import os
-from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from posetune import storage
 from posetune.config import Config
-from posetune.errors import DataError
+from posetune.data.cache import DecodedImages, cached_images
+from posetune.data.fetch import fetch_dataset
 from posetune.data.perception import PoseIndex, read_split
-
-log = logging.getLogger(__name__)
+from posetune.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CACHE_FORMAT_VERSION = 1  # bump when decoding or resizing changes
-
-
-def decode_image(data: bytes, crop: Sequence[int] | None, size: tuple[int, int], where: str) -> np.ndarray:
-    """PNG/JPEG bytes -> (H, W, 3) uint8: RGB, optional crop box, then resize to size (w, h)."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"{where}: cannot decode image ({exc})") from None
-    image = image.convert("RGB")  # RGBA, greyscale and palette images alike
-    if crop is not None:
-        right, bottom = crop[2], crop[3]
-        if right > image.width or bottom > image.height:
-            raise DataError(f"dataset.crop {list(crop)} does not fit the {image.width}x{image.height} image {where}")
-        image = image.crop(tuple(crop))
-    if image.size != size:
-        image = image.resize(size, Image.BILINEAR)
-    return np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
-
-
-class DecodedImages(Dataset):
-    """Images decoded on demand (the cold path, and how the cache is built)."""
-
-    def __init__(self, index: PoseIndex, crop: Sequence[int] | None, size: tuple[int, int]):
-        self.index, self.crop, self.size = index, crop, size
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        name = self.index.images[i]
-        return decode_image(self.index.source.read(name), self.crop, self.size, self.index.source.describe(name))
-
-
-# --- The image cache --------------------------------------------------------------------------
-
-
-def cache_key(index: PoseIndex, crop: Sequence[int] | None, size: tuple[int, int]) -> str:
-    """Changes with any image file (size + mtime, or zip CRC), the crop or the output size."""
-    digest = hashlib.sha256()
-    header = {"v": CACHE_FORMAT_VERSION, "source": index.source.describe(), "crop": crop, "size": size}
-    digest.update(json.dumps(header).encode())
-    for name in index.images:
-        digest.update(f"{name}\0{index.source.fingerprint(name)}\n".encode())
-    return digest.hexdigest()[:20]
-
-
-def cached_images(
-    index: PoseIndex,
-    crop: Sequence[int] | None,
-    size: tuple[int, int],
-    cache_dir: str | Path | None = None,
-    num_workers: int = 0,
-    progress: bool = False,
-) -> np.ndarray:
-    """The split's decoded images as a read-only memory map (N, H, W, 3), built on first use.
-
-    Concurrent callers on a node wait for one builder; the file appears atomically.
-    """
-    cache_dir = storage.local_path(cache_dir, "dataset.cache_dir") if cache_dir else storage.cache_root()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    width, height = size
-    path = cache_dir / f"{cache_key(index, crop, size)}-{len(index)}x{width}x{height}.npy"
-    if not path.exists():
-        with storage.file_lock(path.with_suffix(".lock")):
-            if not path.exists():  # another process may have built it while we waited
-                _build_cache(index, crop, size, path, num_workers, progress)
-    return np.load(path, mmap_mode="r")
-
-
-def _build_cache(index, crop, size, path: Path, num_workers: int, progress: bool) -> None:
-    from tqdm import tqdm
-
-    width, height = size
-    log.info("caching %d images of %s at %dx%d in %s", len(index), index.source.describe(), width, height, path)
-    with storage.atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(index), height, width, 3))
-        loader = DataLoader(
-            DecodedImages(index, crop, size),
-            batch_size=64,
-            num_workers=num_workers,
-            collate_fn=np.stack,
-        )
-        start = 0
-        with tqdm(total=len(index), desc="decoding", unit="img", disable=not progress, leave=False) as bar:
-            for batch in loader:
-                out[start : start + len(batch)] = batch
-                start += len(batch)
-                bar.update(len(batch))
-        out.flush()
-        del out
-
-
-# --- Datasets and loaders ---------------------------------------------------------------------
 
 
 class PoseDataset(Dataset):
@@ -157,7 +52,7 @@ def load_split(cfg: Config, split: str, sample_size: int = 0, progress: bool = F
     """A split of cfg.dataset.root as a PoseDataset (cached per cfg.dataset.cache)."""
     if cfg.dataset.root is None:
         raise DataError("dataset.root is not set: pass dataset.root=PATH (a folder with train/ and val/)")
-    root = storage.fetch_dataset(cfg.dataset.root, cfg.dataset.cache_dir)  # once per node for gs://
+    root = fetch_dataset(cfg.dataset.root, cfg.dataset.cache_dir)  # once per node for gs://
     index = read_split(root, split, cfg.estimator.label_name).head(sample_size)
     crop, size = cfg.dataset.crop, cfg.dataset.image_size
     workers = decode_workers(cfg)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from posetune import storage
 from posetune.errors import DataError, StorageError
+from posetune.data.fetch import fetch_dataset
 from posetune.data.perception import PoseIndex, read_split
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def check_dataset(root: str, splits: Sequence[str], label: str) -> dict[str, PoseIndex]:
     """Every split's validated index (a gs:// dataset is fetched into the node's cache first)."""
-    local = storage.fetch_dataset(root)
+    local = fetch_dataset(root)
     return {split: read_split(local, split, label) for split in splits}
 
 

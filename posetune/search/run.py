@@ -30,6 +30,7 @@ from posetune import internals, storage
 from posetune.cluster import placement
 from posetune.cluster.placement import ClusterShape, ResourcePlan
 from posetune.config import Config
+from posetune.data.fetch import fetch_dataset
 from posetune.data.perception import read_split
 from posetune.errors import ConfigError, PosetuneError
 from posetune.search.legacy import alias_flat_layout
@@ -202,7 +203,7 @@ def ensure_dataset(space: SearchSpace, cfg: Config) -> int:
             root, {cfg.dataset.train_split: synthetic.train, cfg.dataset.val_split: synthetic.val}, synthetic.seed
         )
     index = read_split(
-        storage.fetch_dataset(root, cfg.dataset.cache_dir), cfg.dataset.train_split, cfg.estimator.label_name
+        fetch_dataset(root, cfg.dataset.cache_dir), cfg.dataset.train_split, cfg.estimator.label_name
     )
     return len(index.head(cfg.train.sample_size))
 

@@ -9,7 +9,8 @@ import torch
 
 from posetune import storage
 from posetune.config import Config, config_from_dict
-from posetune.data.loader import decode_image, load_split
+from posetune.data.cache import decode_image
+from posetune.data.loader import load_split
 from posetune.errors import CheckpointError, DataError, StorageError
 from posetune.train.checkpoint import load_checkpoint
 from posetune.train.loop import Runtime, autocast_dtype, evaluate, resolve_device
