@@ -1,4 +1,6 @@
-"""Tiny search spaces for the Ray tests: each trial trains a few seconds."""
+"""Plain helpers the tests import (fixtures live in conftest.py): search spaces small enough
+for a trial to train in seconds, waiting and Ray-process checks, free ports, the GCS emulator's
+client, and hand-made Perception datasets."""
 
 from __future__ import annotations
 
@@ -6,12 +8,19 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
 import yaml
+from PIL import Image
+
+from posetune.data import synth
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# --- Tiny searches ------------------------------------------------------------------------------
 
 
 def tiny_space(tmp_path: Path, data: Path, name: str = "t", overrides: dict | None = None, **sections) -> Path:
@@ -83,3 +92,129 @@ def kill_ray_leftovers() -> None:
     for pid in ray_processes():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+# --- Servers on 127.0.0.1 ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class GCSEmulator:
+    """A real GCS JSON API (gcp-storage-emulator) on 127.0.0.1; google-cloud-storage and
+    pyarrow reach it through STORAGE_EMULATOR_HOST, as posetune's storage module does."""
+
+    def __init__(self, host: str):
+        self.host = host
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+
+            self._client = storage.Client(credentials=AnonymousCredentials(), project="test")
+        return self._client
+
+    def bucket(self, name: str):
+        """A new, empty bucket (names are unique per test)."""
+        return self.client.create_bucket(name)
+
+    def names(self, bucket: str, prefix: str = "") -> list[str]:
+        return sorted(blob.name for blob in self.client.list_blobs(bucket, prefix=prefix))
+
+
+# --- Hand-made Perception datasets ----------------------------------------------------------
+
+
+def write_png(path: Path, size=(64, 40), mode="RGB", colour=(120, 60, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fill = (*colour, 255) if mode == "RGBA" else colour
+    Image.new(mode, size, fill).save(path)
+
+
+def legacy_value(t=(0.1, -0.2, 1.7), q=(0.0, 0.7071068, 0.0, 0.7071068), label="cube_position", lists=False):
+    if lists:
+        return {
+            "label_id": 1,
+            "label_name": label,
+            "instance_id": 1,
+            "translation": list(t),
+            "rotation": list(q),
+        }
+    return {
+        "label_id": 1,
+        "label_name": label,
+        "instance_id": 1,
+        "translation": dict(zip("xyz", t, strict=True)),
+        "size": {"x": 0.1, "y": 0.1, "z": 0.1},
+        "rotation": dict(zip("xyzw", q, strict=True)),
+    }
+
+
+def legacy_capture(filename: str, values: list) -> dict:
+    return {
+        "id": "c",
+        "filename": filename,
+        "format": "PNG",
+        "annotations": [{"id": "a", "annotation_definition": synth.BOX3D_DEFINITION_ID, "values": values}],
+    }
+
+
+def write_legacy(split_dir: Path, files: list[list[dict]], mode="RGB", images=True) -> None:
+    """One captures_NNN.json per entry of `files`; images written for every capture."""
+    dataset = split_dir / "Dataset0000"
+    dataset.mkdir(parents=True, exist_ok=True)
+    for number, captures in enumerate(files):
+        (dataset / f"captures_{number:03d}.json").write_text(json.dumps({"version": "0.0.1", "captures": captures}))
+        for capture in captures:
+            if images:
+                write_png(split_dir / capture["filename"], mode=mode)
+
+
+def write_solo(root: Path, frames: list[tuple[tuple, tuple]], label="cube_position") -> None:
+    """A SOLO dataset with one sequence per frame; frames are (translation, quaternion)."""
+    for n, (t, q) in enumerate(frames):
+        folder = root / f"sequence.{n}"
+        write_png(folder / "step0.camera.png")
+        frame = {
+            "frame": n,
+            "sequence": n,
+            "step": 0,
+            "captures": [
+                {
+                    "@type": "type.unity.com/unity.solo.RGBCamera",
+                    "id": "camera",
+                    "filename": "step0.camera.png",
+                    "dimension": [64, 40],
+                    "annotations": [
+                        {
+                            "@type": "type.unity.com/unity.solo.BoundingBox3DAnnotation",
+                            "id": "bounding box 3D",
+                            "values": [
+                                {
+                                    "instanceId": 1,
+                                    "labelId": 1,
+                                    "labelName": "other",
+                                    "translation": [9, 9, 9],
+                                    "rotation": [0, 0, 0, 1],
+                                },
+                                {
+                                    "instanceId": 2,
+                                    "labelId": 2,
+                                    "labelName": label,
+                                    "translation": list(t),
+                                    "rotation": list(q),
+                                },
+                            ],
+                        }
+                    ],
+                }
+            ],
+        }
+        (folder / "step0.frame_data.json").write_text(json.dumps(frame))
+    (root / "metadata.json").write_text("{}")

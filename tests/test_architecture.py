@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from search_helpers import REPO
+from helpers import REPO
 
 PACKAGE = REPO / "posetune"
 # The order of the layers: a top-level module or a subpackage of posetune.

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from search_helpers import REPO
+from helpers import REPO
 
 
 @pytest.mark.timeout(600)

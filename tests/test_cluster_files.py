@@ -19,8 +19,7 @@ from posetune import cli
 from posetune.cluster.files import check_cluster_file
 from posetune.errors import ConfigError
 
-from conftest import free_port
-from search_helpers import REPO
+from helpers import REPO, free_port
 
 TEST_VALUES = {
     "YOUR_PROJECT_ID": "my-project",

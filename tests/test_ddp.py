@@ -20,7 +20,7 @@ from posetune.config import ModelConfig
 from posetune.train.losses import get_orientation_loss, pose_loss
 from posetune.train.model import create_model, use_sync_batchnorm
 
-from conftest import free_port
+from helpers import free_port
 
 BATCH = 8  # combined; each of the two ranks takes half
 

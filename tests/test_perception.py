@@ -9,7 +9,7 @@ from posetune.data.cache import decode_image
 from posetune.data.perception import read_split
 from posetune.errors import DataError
 
-from conftest import legacy_capture, legacy_value, write_legacy, write_png, write_solo
+from helpers import legacy_capture, legacy_value, write_legacy, write_png, write_solo
 
 Q90 = (0.0, 0.7071068, 0.0, 0.7071068)
 

@@ -21,9 +21,9 @@ from posetune.search.results import Outcome
 from posetune.search.run import plan_resources, run_search
 from posetune.search.space import load_space
 
-from search_helpers import read_results, tiny_space, wait_for
+from helpers import read_results, tiny_space, wait_for
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 def test_connects_to_the_running_cluster(ray_cluster):

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from search_helpers import REPO, kill_ray_leftovers, ray_processes, read_results, tiny_space, wait_for
+from helpers import REPO, kill_ray_leftovers, ray_processes, read_results, tiny_space, wait_for
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(autouse=True)

@@ -20,9 +20,9 @@ from posetune import cli
 from posetune.errors import PosetuneError
 from posetune.tracking.runs import AsyncLogger, check_tracking_uri, resolve_tracking_uri
 
-from search_helpers import REPO, read_results, tiny_space, wait_for
+from helpers import REPO, read_results, tiny_space, wait_for
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 def free_port() -> int:
