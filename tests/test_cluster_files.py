@@ -1,13 +1,19 @@
-"""cluster/: `posetune cluster check` on the shipped files and on broken variants, the head's
-MLflow command as written (against the GCS emulator), and the Dockerfile."""
+"""cluster/: `posetune cluster check` on the shipped files and on broken variants (each built in
+memory from the shipped file), Ray's own KubeRay translation of kuberay.yaml, the MLflow commands
+as written (against the GCS emulator), the self-kill rule on a real shell, the Dockerfile and its
+constraints."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +22,7 @@ import pytest
 import yaml
 
 from posetune import cli
-from posetune.cluster.files import check_cluster_file
+from posetune.cluster.files import NODE_ALLOCATABLE, check_cluster_file, self_kill_problems
 from posetune.errors import ConfigError
 
 from helpers import REPO, free_port
@@ -38,13 +44,13 @@ def filled(name: str, values: dict[str, str] = TEST_VALUES) -> str:
     return text
 
 
-def write(tmp_path: Path, data: dict, name: str = "cluster.yaml") -> str:
+def write(tmp_path: Path, data: dict | list[dict], name: str = "cluster.yaml") -> str:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(yaml.safe_dump_all(data if isinstance(data, list) else [data], sort_keys=False))
     return str(path)
 
 
-def problems_of(tmp_path: Path, data: dict) -> list[str]:
+def problems_of(tmp_path: Path, data: dict | list[dict]) -> list[str]:
     """The lines of `posetune cluster check`'s error for a cluster file holding `data`."""
     with pytest.raises(ConfigError) as caught:
         check_cluster_file(write(tmp_path, data))
@@ -81,7 +87,8 @@ def _gpu_without_terminate(c):
 
 
 def _gpu_without_driver(c):
-    del node(c, "gpu_a100")["node_config"]["metadata"]
+    items = node(c, "gpu_l4")["node_config"]["metadata"]["items"]
+    items[:] = [i for i in items if i["key"] != "install-nvidia-driver"]
 
 
 def _gpu_count_mismatch(c):
@@ -89,9 +96,7 @@ def _gpu_count_mismatch(c):
 
 
 def _worker_without_storage_scope(c):
-    node(c, "gpu_a100")["node_config"]["serviceAccounts"][0]["scopes"] = [
-        "https://www.googleapis.com/auth/logging.write"
-    ]
+    node(c, "gpu_l4")["node_config"]["serviceAccounts"][0]["scopes"] = ["https://www.googleapis.com/auth/logging.write"]
 
 
 def _preemptible_head(c):
@@ -119,18 +124,60 @@ def _placeholder_left(c):
     c["provider"]["project_id"] = "YOUR_PROJECT_ID"
 
 
+def _pkill_matching_itself(c):
+    """Failure mode 1: the pattern is on the shell's own command line."""
+    c["head_start_ray_commands"][1] = 'pkill -f "mlflow server" || true'
+
+
+def _private_image_without_login(c):
+    """Failure mode 2: nothing configures docker's credential helper before the pull."""
+    c["initialization_commands"] = [cmd for cmd in c["initialization_commands"] if "configure-docker" not in cmd]
+
+
+def _gpu_type_without_driver_wait(c):
+    """Failure mode 4: the container starts before the driver answers."""
+    init = node(c, "gpu_l4")["initialization_commands"]
+    init[:] = [cmd for cmd in init if "nvidia-smi" not in cmd]
+
+
+def _gpu_type_without_gpus_all(c):
+    del node(c, "gpu_l4")["docker"]
+
+
+def _spot_type_without_drain(c):
+    items = node(c, "gpu_l4")["node_config"]["metadata"]["items"]
+    items[:] = [i for i in items if i["key"] != "shutdown-script"]
+
+
+def _spinning_boot_disk(c):
+    del node(c, "gpu_l4")["node_config"]["disks"][0]["initializeParams"]["diskType"]
+
+
 LAUNCHER_BREAKS = [
     (_unknown_top_level_key, r"Ray's validation: Additional properties are not allowed \('max_worker'"),
     (_gpu_without_terminate, r"gpu_l4\.node_config\.scheduling\.onHostMaintenance = 'MIGRATE': .*set it to TERMINATE"),
-    (_gpu_without_driver, r"gpu_a100\.node_config\.metadata: no install-nvidia-driver item"),
+    (_gpu_without_driver, r"gpu_l4\.node_config\.metadata: no install-nvidia-driver item"),
     (_gpu_count_mismatch, r"gpu_l4\.resources\.GPU = 2, but node_config\.guestAccelerators attach 1 GPU"),
-    (_worker_without_storage_scope, r"gpu_a100\.node_config\.serviceAccounts: no service account with a storage"),
+    (_worker_without_storage_scope, r"gpu_l4\.node_config\.serviceAccounts: no service account with a storage"),
     (_preemptible_head, r"head\.node_config\.scheduling: the head node is preemptible"),
     (_image_of_another_ray, rf"docker\.image = .* runs Ray 2\.40\.0 but this machine runs Ray {re.escape(RAY)}"),
     (_public_dashboard, r"head_start_ray_commands\[2\]: --dashboard-host 0\.0\.0\.0 listens on every interface"),
     (_public_mlflow, r"head_start_ray_commands\[3\]: --host 0\.0\.0\.0 listens on every interface"),
     (_image_family, r"gpu_l4\.node_config\.disks\.sourceImage = .* is an image family"),
     (_placeholder_left, r"YOUR_PROJECT_ID is not set \(provider\.project_id\)"),
+    (
+        _pkill_matching_itself,
+        r"head_start_ray_commands\[1\]: `pkill -f 'mlflow server'` matches its own command line.*'\[m\]lflow server'",
+    ),
+    (
+        _private_image_without_login,
+        r"available_node_types\.head: pulls the private image .* but initialization_commands log in to no registry: "
+        r"add `gcloud auth configure-docker us-central1-docker\.pkg\.dev --quiet`",
+    ),
+    (_gpu_type_without_driver_wait, r"gpu_l4: no driver wait in available_node_types\.gpu_l4\.initialization_commands"),
+    (_gpu_type_without_gpus_all, r"gpu_l4\.docker\.worker_run_options: no `--gpus all`"),
+    (_spot_type_without_drain, r"gpu_l4\.node_config\.metadata: a spot type without a shutdown-script .*PREEMPTION"),
+    (_spinning_boot_disk, r"gpu_l4\.node_config\.disks\.initializeParams\.diskType = 'pd-standard'"),
 ]
 
 
@@ -143,8 +190,26 @@ def test_broken_launcher_files_fail_with_one_line_each(break_it, message, tmp_pa
     assert re.search(message, problems[0]), problems[0]
 
 
+def kuberay() -> list[dict]:
+    """kuberay.yaml's documents: the RayJob, then MLflow's volume claim, Deployment and Service."""
+    return list(yaml.safe_load_all(filled("kuberay.yaml")))
+
+
 def rayjob() -> dict:
-    return yaml.safe_load(filled("kuberay.yaml"))
+    return kuberay()[0]
+
+
+def manifest(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
+
+
+def head_group(j: dict) -> dict:
+    return j["spec"]["rayClusterSpec"]["headGroupSpec"]
+
+
+def worker_group(j: dict) -> dict:
+    return j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
 
 
 def _worker_group_without_name(j):
@@ -176,6 +241,40 @@ def _other_ray_version(j):
     j["spec"]["rayClusterSpec"]["rayVersion"] = "2.40.0"
 
 
+def _loopback_dashboard(j):
+    """Failure mode 5: the head Service cannot reach a dashboard on the pod's loopback."""
+    head_group(j)["rayStartParams"]["dashboard-host"] = "127.0.0.1"
+
+
+def _public_head_service(j):
+    head_group(j)["serviceType"] = "LoadBalancer"
+
+
+def _requests_above_allocatable(j):
+    worker = worker_group(j)["template"]["spec"]["containers"][0]
+    worker["resources"]["requests"]["memory"] = worker["resources"]["limits"]["memory"] = "28Gi"
+
+
+def _head_on_spot(j):
+    del head_group(j)["template"]["spec"]["affinity"]
+
+
+def _entrypoint_without_resume(j):
+    j["spec"]["entrypoint"] = j["spec"]["entrypoint"].replace(" --resume", "")
+    submitter = j["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    submitter["args"] = [a.replace(" --resume", "") for a in submitter["args"]]
+
+
+def _submitter_submits_something_else(j):
+    submitter = j["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+    submitter["args"][-1] = submitter["args"][-1].replace("default.yaml", "quick.yaml")
+
+
+def _pkill_in_head_hook(j):
+    head = head_group(j)["template"]["spec"]["containers"][0]
+    head["lifecycle"] = {"postStart": {"exec": {"command": ["/bin/sh", "-c", 'pkill -f "mlflow server"; true']}}}
+
+
 RAYJOB_BREAKS = [
     (
         _worker_group_without_name,
@@ -187,17 +286,101 @@ RAYJOB_BREAKS = [
     (_misspelt_field, r"spec\.shutdownAfterJobFinish: unknown field; did you mean shutdownAfterJobFinishes\?"),
     (_gpu_group_without_toleration, r"\(gpu-l4\): asks for nvidia\.com/gpu but tolerates no nvidia\.com/gpu taint"),
     (_other_ray_version, rf"rayVersion = '2\.40\.0': set it to '{re.escape(RAY)}'"),
+    (_loopback_dashboard, r"dashboard-host = '127\.0\.0\.1' binds the head pod's loopback: .* set it to 0\.0\.0\.0"),
+    (_public_head_service, r"headGroupSpec\.serviceType = 'LoadBalancer' exposes the head"),
+    (
+        _requests_above_allocatable,
+        r"\(gpu-l4\): its containers request 28 GiB of memory, more than a g2-standard-8 node offers pods",
+    ),
+    (_head_on_spot, r"headGroupSpec\.template\.spec: the head may be scheduled on a spot node"),
+    (_entrypoint_without_resume, r"spec\.entrypoint runs `posetune search` without --resume"),
+    (_submitter_submits_something_else, r"submitterPodTemplate container submitter: its arguments after `--`"),
+    (_pkill_in_head_hook, r"head container ray-head: `pkill -f 'mlflow server'` matches its own command line"),
 ]
 
 
 @pytest.mark.parametrize(("break_it", "message"), RAYJOB_BREAKS, ids=[b.__name__[1:] for b, _ in RAYJOB_BREAKS])
 def test_broken_rayjobs_fail_with_one_line_each(break_it, message, tmp_path):
-    job = rayjob()
-    break_it(job)
-    problems = problems_of(tmp_path, job)
+    docs = kuberay()
+    break_it(docs[0])
+    problems = problems_of(tmp_path, docs)
     assert any(re.search(message, p) for p in problems), problems
     # A misspelt field also leaves the real one unset, which is then a second, true problem.
     assert len(problems) <= 2, problems
+
+
+def test_a_public_mlflow_service_is_flagged(tmp_path):
+    docs = kuberay()
+    manifest(docs, "Service")["spec"]["type"] = "NodePort"
+    assert [p.strip() for p in problems_of(tmp_path, docs)] == [
+        "Service posetune-mlflow: type 'NodePort' exposes it: use ClusterIP and kubectl port-forward"
+    ]
+
+
+def test_kuberay_node_types_as_rays_own_translation_derives_them():
+    """What the KubeRay autoscaler (and a plan built on its translation) sees: a head that takes
+    the trial drivers and no training, and GPU workers from zero, one 6-CPU trial worker each."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    spec = rayjob()["spec"]["rayClusterSpec"]
+    config = _derive_autoscaling_config_from_ray_cr(
+        {"metadata": {"name": "posetune-search-x1", "namespace": "default"}, "spec": spec}
+    )
+    types = config["available_node_types"]
+    assert set(types) == {"headgroup", "gpu-l4"} and config["head_node_type"] == "headgroup"
+    assert {k: v for k, v in types["headgroup"]["resources"].items() if k != "memory"} == {
+        "CPU": 2,
+        "posetune_driver": 1,
+    }
+    worker = types["gpu-l4"]
+    assert {k: v for k, v in worker["resources"].items() if k != "memory"} == {"CPU": 6, "GPU": 1}
+    assert (worker["min_workers"], worker["max_workers"], config["max_workers"]) == (0, 8, 8)
+    # Its memory is the container's limit, within what the node offers pods.
+    assert worker["resources"]["memory"] / 2**30 <= NODE_ALLOCATABLE["g2-standard-8"]["memory_gib"]
+
+
+def test_kuberay_runs_and_keeps_what_a_search_needs():
+    docs = kuberay()
+    job, claim, deployment, service = docs
+    spec = job["spec"]
+    # Retried on a new cluster, the same entrypoint continues the search (--resume), submitted
+    # by the small submitter image with Ray's token.
+    assert "--resume" in spec["entrypoint"].split() and spec["backoffLimit"] >= 1
+    (submitter,) = spec["submitterPodTemplate"]["spec"]["containers"]
+    assert submitter["image"].startswith("quay.io/kuberay/submitter:")
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    # MLflow outlives the job: a Deployment (restarted by Kubernetes) whose SQLite store is on
+    # the claim, reached by the head through the Service.
+    assert claim["kind"] == "PersistentVolumeClaim" and deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    (volume,) = pod["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    (container,) = pod["containers"]
+    (mount,) = container["volumeMounts"]
+    store = next(a for a in container["command"] if a.startswith("--backend-store-uri="))
+    assert store.split("=", 1)[1].startswith(f"sqlite:///{mount['mountPath']}/")
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    (head,) = head_group(job)["template"]["spec"]["containers"]
+    port = service["spec"]["ports"][0]["port"]
+    assert {"name": "MLFLOW_TRACKING_URI", "value": f"http://{service['metadata']['name']}:{port}"} in head["env"]
+    assert "lifecycle" not in head  # no server dies with the head any more
+
+
+def test_self_kill_rule_on_a_real_shell(tmp_path):
+    """Failure mode 1, on a real shell: `pkill -f PATTERN` kills the shell whose command line
+    holds PATTERN; the bracketed form does not match itself. A unique pattern so that nothing
+    else on this machine is hit."""
+    if shutil.which("pkill") is None:
+        pytest.skip("no pkill here")
+    probe = f"posetune-selfkill-probe-{tmp_path.name}"
+    for pattern, survives in ((probe, False), (f"[{probe[0]}]{probe[1:]}", True)):
+        command = f'pkill -f "{pattern}" || true; echo alive'
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+        assert ("alive" in done.stdout) is survives, (pattern, done)
+        assert bool(self_kill_problems("cmd", command)) is not survives
+    # The shipped start command is the bracketed form.
+    assert 'pkill -f "[m]lflow server" || true' in gcp()["head_start_ray_commands"]
 
 
 def test_not_a_cluster_file(tmp_path, capsys):
@@ -217,15 +400,73 @@ def mlflow_command(text: str) -> list[str]:
     return shlex.split(command.split(">")[0].removeprefix("nohup "))
 
 
-def test_both_cluster_files_start_the_same_mlflow_server():
-    job = yaml.safe_load(filled("kuberay.yaml"))
-    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    script = head["lifecycle"]["postStart"]["exec"]["command"][-1]
-    in_kuberay = shlex.split(script.split("&&", 1)[1].split(">")[0].replace("nohup", "", 1))
-    assert in_kuberay == mlflow_command(filled("gcp.yaml"))
-    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://127.0.0.1:5000"} in head["env"]
+def stop(server: subprocess.Popen) -> None:
+    """The server and its workers (its own process group); killed if SIGTERM is not enough
+    within a minute (a loaded 2-core machine can take that long)."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def kuberay_mlflow_command() -> list[str]:
+    deployment = manifest(kuberay(), "Deployment")
+    return deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def test_both_cluster_files_keep_mlflow_artifacts_in_the_same_place():
+    gcp_command = mlflow_command(filled("gcp.yaml"))
+    destination = gcp_command[gcp_command.index("--artifacts-destination") + 1]
+    assert f"--artifacts-destination={destination}" in kuberay_mlflow_command()
     gcp_options = yaml.safe_load(filled("gcp.yaml"))["docker"]["head_run_options"]
     assert "--env MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in gcp_options
+
+
+@pytest.mark.server
+def test_kuberay_mlflow_answers_through_its_service_name(tmp_path):
+    """The Deployment's command as written (loopback and a free port for the pod's address and
+    5000, a temporary folder for the volume, a local artifact root): MLflow answers a client
+    that calls it by the Service's name, which its default host check would refuse."""
+    port = free_port()
+    command = [
+        arg.replace("--host=0.0.0.0", "--host=127.0.0.1")
+        .replace("--port=5000", f"--port={port}")
+        .replace("/mlflow/", f"{tmp_path}/")
+        .replace("gs://my-bucket/mlflow", str(tmp_path / "artifacts"))
+        for arg in kuberay_mlflow_command()
+    ]
+    command[0] = str(Path(sys.executable).parent / "mlflow")
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "the MLflow Deployment's command did not start"
+                time.sleep(1)
+        for host, allowed in (("posetune-mlflow:5000", True), ("localhost:5000", True), ("evil.example:5000", False)):
+            request = urllib.request.Request(url, headers={"Host": host})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    status = response.status
+            except urllib.error.HTTPError as error:
+                status = error.code
+            assert (status == 200) is allowed, (host, status)
+        assert (tmp_path / "mlflow.db").exists()  # the store on the volume
+    finally:
+        stop(server)
+        log.close()
 
 
 def test_head_mlflow_command_serves_on_loopback_with_artifacts_in_the_bucket(gcs, bucket, tmp_path):
@@ -240,7 +481,7 @@ def test_head_mlflow_command_serves_on_loopback_with_artifacts_in_the_bucket(gcs
     command = [arg.replace("/home/ray/mlflow", str(tmp_path)) for arg in command]
     command[0] = str(Path(sys.executable).parent / "mlflow")
     log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=log)
+    server = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -263,18 +504,27 @@ def test_head_mlflow_command_serves_on_loopback_with_artifacts_in_the_bucket(gcs
         assert any(name.endswith(f"{run.info.run_id}/artifacts/note.txt") for name in names), names
         assert (tmp_path / "mlflow.db").exists()  # the backend store on the head's disk
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
         log.close()
 
 
 # --- The cluster image -------------------------------------------------------------------------
 
 
-def test_dockerfile_base_matches_the_resolved_ray_and_python():
+# The NVIDIA driver branch each CUDA release needs at least (NVIDIA's CUDA toolkit release notes,
+# table "CUDA Toolkit and Corresponding Driver Versions": 12.4 >= 550, 12.6 >= 560, 12.8 >= 570,
+# 12.9 >= 575, 13.0 >= 580).
+MIN_DRIVER = {"12.4": 550, "12.6": 560, "12.8": 570, "12.9": 575, "13.0": 580}
+
+
+def dockerfile():
     from dockerfile_parse import DockerfileParser
 
-    parser = DockerfileParser(path=str(REPO / "Dockerfile"))
+    return DockerfileParser(path=str(REPO / "Dockerfile"))
+
+
+def test_dockerfile_base_matches_the_resolved_ray_and_python():
+    parser = dockerfile()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     assert parser.baseimage == f"rayproject/ray:{RAY}-{python}-gpu"
     instructions = [i["instruction"] for i in parser.structure]
@@ -285,3 +535,45 @@ def test_dockerfile_base_matches_the_resolved_ray_and_python():
     assert f"-ray{RAY}" in yaml.safe_load(filled("gcp.yaml"))["docker"]["image"]
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     assert ignored[1] == "*" and "!posetune/" in ignored  # only what the image needs is sent
+    assert "!cluster/constraints.txt" in ignored
+
+
+def test_dockerfile_pins_the_tested_torch_and_the_node_image_driver_runs_it():
+    """Failure mode 4: torch exact, its CUDA asserted at build time, and the node image's driver
+    branch new enough for that CUDA."""
+    import torch
+    import torchvision
+
+    runs = " ".join(i["value"] for i in dockerfile().structure if i["instruction"] == "RUN")
+    pins = dict(re.findall(r"\b(torch|torchvision)==(\S+)", runs))
+    assert pins == {"torch": torch.__version__.split("+")[0], "torchvision": torchvision.__version__.split("+")[0]}
+    (cuda,) = re.findall(r"torch\.version\.cuda == '([\d.]+)'", runs)
+    assert cuda == torch.version.cuda  # the image's torch is the build tested here
+    for name, spec in gcp()["available_node_types"].items():
+        for disk in spec["node_config"]["disks"]:
+            image = disk["initializeParams"]["sourceImage"]
+            driver = re.search(r"-nvidia-(\d+)-v\d{8}$", image)
+            assert driver, f"{name}: {image} names no driver branch"
+            assert int(driver.group(1)) >= MIN_DRIVER[cuda], (name, image, cuda)
+
+
+def test_image_installs_the_tested_versions_from_the_constraints_file():
+    from posetune.cluster.files import CONSTRAINTS_HEADER
+
+    text = (REPO / "cluster" / "constraints.txt").read_text()
+    assert text.startswith(CONSTRAINTS_HEADER)
+    pinned = dict(line.split("==") for line in text.splitlines() if line and not line.startswith("#"))
+    names = {re.sub(r"[-_.]+", "-", n).lower(): v for n, v in pinned.items()}
+    runs = " ".join(i["value"] for i in dockerfile().structure if i["instruction"] == "RUN")
+    assert "-c cluster/constraints.txt ." in runs
+    assert names["ray"] == RAY
+    assert names["torch"] == re.search(r"torch==(\S+)", runs).group(1)
+    assert names["torchvision"] == re.search(r"torchvision==(\S+)", runs).group(1)
+    # Every run-time dependency posetune declares is pinned (its own dependencies are too: the
+    # file is generated from the installed closure, see its header).
+    declared = metadata.requires("posetune") or []
+    for requirement in declared:
+        if "extra ==" in requirement:
+            continue
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)).lower()
+        assert name in names, f"{name} is not pinned in cluster/constraints.txt"

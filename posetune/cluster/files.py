@@ -5,9 +5,14 @@
   passed to the cloud as is: GPU node types that GCE would refuse or that would never see
   their GPUs, workers that cannot write to the bucket, a preemptible head, a VM image that
   changes under you, an image whose Ray differs from this machine's, public bindings.
-- A KubeRay ``RayJob`` (``cluster/kuberay.yaml``): the RayJob v1 schema (vendored in
-  ``posetune/cluster/schemas``), then the operator's own runtime rules the schema does not carry and
-  unknown fields (the schema allows any).
+- A KubeRay ``RayJob`` (``cluster/kuberay.yaml``, with the Kubernetes objects beside it in the
+  same file): the RayJob v1 schema (vendored in ``posetune/cluster/schemas``), then the
+  operator's own runtime rules the schema does not carry, unknown fields (the schema allows any),
+  and what would keep the job from running: a loopback dashboard, a public Service, requests
+  above the node's allocatable resources, a head on spot nodes, an entrypoint that cannot resume.
+
+Both: a ``pkill -f`` / ``pgrep -f`` pattern that matches its own command line (it kills the shell
+that runs it).
 
 Every problem is one line naming the node type or key, the value and the fix.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Iterator
 from importlib import metadata, resources
 from typing import Any
@@ -41,16 +47,45 @@ PUBLIC_HOSTS = {"0.0.0.0", "::", "[::]"}
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_RAYJOB_NAME = 47  # the operator derives longer resource names from it
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+PUBLIC_SERVICE_TYPES = ("LoadBalancer", "NodePort")
+# Registries that need a login on a VM: Artifact Registry and Container Registry.
+PRIVATE_REGISTRY = re.compile(r"^((?:[a-z0-9-]+-docker\.pkg\.dev)|(?:(?:[a-z]+\.)?gcr\.io))/")
+REGISTRY_LOGIN = re.compile(r"gcloud\s+auth\s+configure-docker|docker-credential-gcr\s+configure-docker|docker\s+login")
+SSD_DISK_TYPES = ("pd-ssd", "pd-balanced", "hyperdisk-balanced", "pd-extreme")
+# What a pod may request on a GKE node of these machine types, in CPUs and GiB: capacity less
+# GKE's reservation (CPU: 6% of the first core, 1% of the next, 0.5% of the next 2, 0.25% above
+# 4; memory: 25% of the first 4 GiB, 20% of the next 4, 10% of the next 8, 6% of the next 112,
+# plus 100 MiB for eviction), from https://cloud.google.com/kubernetes-engine/docs/concepts/
+# plan-node-sizes#memory_and_cpu_reservations (read 2026-12-01), less DAEMONSET_HEADROOM for
+# GKE's own DaemonSets on the node (kube-proxy, logging, metrics, the NVIDIA device plugin):
+# an assumption; `kubectl describe node` shows the real figures.
+NODE_ALLOCATABLE = {
+    "g2-standard-4": {"cpu": 3.92, "memory_gib": 12.64},  # 4 vCPU, 16 GiB
+    "g2-standard-8": {"cpu": 7.91, "memory_gib": 28.34},  # 8 vCPU, 32 GiB
+    "g2-standard-12": {"cpu": 11.90, "memory_gib": 43.86},  # 12 vCPU, 48 GiB
+    "g2-standard-16": {"cpu": 15.89, "memory_gib": 58.90},  # 16 vCPU, 64 GiB
+    "n2-standard-8": {"cpu": 7.91, "memory_gib": 28.34},  # 8 vCPU, 32 GiB
+}
+DAEMONSET_HEADROOM = {"cpu": 0.5, "memory_gib": 1.0}
+CONSTRAINTS_HEADER = """\
+# posetune's run-time dependencies as installed in the tested environment (`make test`'s .venv),
+# every one pinned: the Dockerfile installs posetune with `-c cluster/constraints.txt`.
+# Regenerate after changing dependencies: .venv/bin/python -m posetune.cluster.files > cluster/constraints.txt
+"""
 
 
 def check_cluster_file(path: str) -> str:
     """Check a cluster file; return what it describes, or raise one ConfigError listing every
     problem."""
-    data = yaml.safe_load(storage.read_text(path))
+    documents = [d for d in yaml.safe_load_all(storage.read_text(path)) if d is not None]
+    jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "RayJob"]
+    data = jobs[0] if jobs else (documents[0] if len(documents) == 1 else None)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: not a cluster file (a YAML mapping was expected)")
-    if data.get("kind") == "RayJob":
-        problems, what = rayjob_problems(data), "KubeRay RayJob"
+    if jobs:
+        others = [d for d in documents if d is not data and isinstance(d, dict)]
+        problems, what = rayjob_problems(data) + manifest_problems(others), "KubeRay RayJob"
     elif "available_node_types" in data or "provider" in data:
         problems, what = launcher_problems(data), "Ray cluster-launcher file"
     else:
@@ -100,9 +135,113 @@ def launcher_problems(data: dict[str, Any]) -> list[str]:
     head = config["head_node_type"]
     for name, node_type in config["available_node_types"].items():
         problems += _node_type_problems(name, node_type, name == head)
+        problems += _node_start_problems(name, node_type, config, name == head)
     problems += _image_problems(config.get("docker") or {})
     problems += _public_binding_problems(config)
+    for where, command in _launcher_commands(config):
+        problems += self_kill_problems(where, command)
     return problems
+
+
+def _launcher_commands(config: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    sections = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
+    for section in sections:
+        for i, command in enumerate(config.get(section) or []):
+            yield f"{section}[{i}]", command
+    for name, node_type in config["available_node_types"].items():
+        for section in ("initialization_commands", "worker_setup_commands"):
+            for i, command in enumerate(node_type.get(section) or []):
+                yield f"available_node_types.{name}.{section}[{i}]", command
+
+
+def self_kill_problems(where: str, command: str) -> list[str]:
+    """`pkill -f PATTERN` (or pgrep -f) matches full command lines, the shell's own included:
+    when PATTERN matches the command that contains it, the shell running it is killed (Ray's
+    updater then reports the start command failed, exit 143)."""
+    problems = []
+    for segment in re.split(r"\|\||&&|[;|&\n]", command):
+        try:
+            words = shlex.split(segment)
+        except ValueError:
+            continue
+        if not words or words[0] not in ("pkill", "pgrep") or not any(re.fullmatch(r"-\w*f\w*", w) for w in words[1:]):
+            continue
+        patterns = [w for w in words[1:] if not w.startswith("-")]
+        if not patterns:
+            continue
+        try:
+            matches_itself = re.search(patterns[-1], command) is not None
+        except re.error:
+            continue
+        if matches_itself:
+            problems.append(
+                f"{where}: `{words[0]} -f {patterns[-1]!r}` matches its own command line, so it kills the shell "
+                f"that runs it: write the pattern so it cannot match itself, e.g. "
+                f"{'[' + patterns[-1][0] + ']' + patterns[-1][1:]!r}, or use a pid file"
+            )
+    return problems
+
+
+def _node_start_problems(name: str, node_type: dict[str, Any], config: dict[str, Any], is_head: bool) -> list[str]:
+    """What keeps a node from starting right: its image pull, its driver, its preemption drain."""
+    where = f"available_node_types.{name}"
+    node = node_type.get("node_config") or {}
+    docker = {**(config.get("docker") or {}), **(node_type.get("docker") or {})}
+    image = docker.get("head_image" if is_head else "worker_image") or docker.get("image") or ""
+    init = node_type.get("initialization_commands", config.get("initialization_commands")) or []
+    source = f"{where}.initialization_commands" if "initialization_commands" in node_type else "initialization_commands"
+    problems = []
+    registry = PRIVATE_REGISTRY.match(image)
+    if registry and not any(REGISTRY_LOGIN.search(c) for c in init):
+        problems.append(
+            f"{where}: pulls the private image {image!r} but {source} log in to no registry: add "
+            f"`gcloud auth configure-docker {registry.group(1)} --quiet` (and grant the node's service account "
+            "roles/artifactregistry.reader)"
+        )
+    gpus = (node_type.get("resources") or {}).get("GPU", 0) or node.get("guestAccelerators")
+    if gpus and not is_head:
+        if not any("nvidia-smi" in c and re.search(r"\b(for|while|until)\b", c) for c in init):
+            problems.append(
+                f"{where}: no driver wait in {source}: add `for i in $(seq 120); do nvidia-smi > /dev/null 2>&1 "
+                "&& break; sleep 5; done; nvidia-smi` (Ray gives the container the GPUs only if nvidia-smi works "
+                "when it starts)"
+            )
+        options = [*(docker.get("run_options") or []), *(docker.get("worker_run_options") or [])]
+        if not any(re.search(r"--gpus[= ]", o) for o in options):
+            problems.append(
+                f"{where}.docker.worker_run_options: no `--gpus all`: add it, so a node whose driver is missing "
+                "fails to start instead of advertising GPUs its container cannot use"
+            )
+    if not is_head and _scheduling(node).get("provisioningModel") == "SPOT" and not _drains_on_preemption(node):
+        problems.append(
+            f"{where}.node_config.metadata: a spot type without a shutdown-script that runs `ray drain-node "
+            "--reason DRAIN_NODE_REASON_PREEMPTION`: Ray Train then counts each preemption against max_failures"
+        )
+    for disk in node.get("disks") or []:
+        params = disk.get("initializeParams") or {}
+        if disk.get("boot") and not str(params.get("diskType", "")).endswith(SSD_DISK_TYPES):
+            problems.append(
+                f"{where}.node_config.disks.initializeParams.diskType = {params.get('diskType', 'pd-standard')!r}: "
+                "a spinning boot disk slows the image pull and every start; set zones/ZONE/diskTypes/pd-balanced"
+            )
+    return problems
+
+
+def _drains_on_preemption(node: dict[str, Any]) -> bool:
+    items = (node.get("metadata") or {}).get("items") or []
+    return any(
+        i.get("key") == "shutdown-script"
+        and "ray drain-node" in str(i.get("value"))
+        and "DRAIN_NODE_REASON_PREEMPTION" in str(i.get("value"))
+        for i in items
+    )
 
 
 def _node_type_problems(name: str, node_type: dict[str, Any], is_head: bool) -> list[str]:
@@ -250,6 +389,7 @@ def rayjob_problems(data: dict[str, Any]) -> list[str]:
         problems.append(f"spec.submissionMode = {mode!r}: choose one of {', '.join(SUBMISSION_MODES)}")
     cluster = spec.get("rayClusterSpec") or {}
     problems += _ray_version_problems(cluster)
+    problems += _entrypoint_problems(spec)
     problems += _head_group_problems(cluster.get("headGroupSpec") or {})
     for i, group in enumerate(cluster.get("workerGroupSpecs") or []):
         problems += _worker_group_problems(f"spec.rayClusterSpec.workerGroupSpecs[{i}] ({group['groupName']})", group)
@@ -296,21 +436,123 @@ def _ray_version_problems(cluster: dict[str, Any]) -> list[str]:
 
 
 def _head_group_problems(head: dict[str, Any]) -> list[str]:
+    where = "spec.rayClusterSpec.headGroupSpec"
     problems = []
-    host = str((head.get("rayStartParams") or {}).get("dashboard-host", "127.0.0.1"))
-    if host in PUBLIC_HOSTS:
+    host = str((head.get("rayStartParams") or {}).get("dashboard-host", "0.0.0.0"))  # KubeRay's default
+    if host in LOOPBACK_HOSTS:
         problems.append(
-            f"spec.rayClusterSpec.headGroupSpec.rayStartParams.dashboard-host = {host!r}: bind 127.0.0.1 and "
-            "use kubectl port-forward"
+            f"{where}.rayStartParams.dashboard-host = {host!r} binds the head pod's loopback: the head Service, "
+            "the submitter and the operator cannot reach the dashboard, so the job is never submitted; set it "
+            "to 0.0.0.0 (the Service stays ClusterIP: nothing is public)"
         )
-    if head.get("serviceType") in ("LoadBalancer", "NodePort"):
+    service_type = head.get("serviceType") or ((head.get("headService") or {}).get("spec") or {}).get("type")
+    if service_type in PUBLIC_SERVICE_TYPES:
         problems.append(
-            f"spec.rayClusterSpec.headGroupSpec.serviceType = {head['serviceType']!r} exposes the head: "
-            "use ClusterIP and kubectl port-forward"
+            f"{where}.serviceType = {service_type!r} exposes the head: use ClusterIP and kubectl port-forward"
         )
+    pod = (head.get("template") or {}).get("spec") or {}
+    if not _avoids_spot(pod):
+        problems.append(
+            f"{where}.template.spec: the head may be scheduled on a spot node, and a preempted head ends the "
+            "search: add a node affinity {key: cloud.google.com/gke-spot, operator: NotIn, values: ['true']}"
+        )
+    problems += _allocatable_problems(where, head)
     for container in _containers(head):
         for _, command in _strings(container.get("lifecycle") or {}):
-            problems += host_problems(f"head container {container.get('name')}", command)
+            problems += self_kill_problems(f"head container {container.get('name')}", command)
+    return problems
+
+
+def _avoids_spot(pod: dict[str, Any]) -> bool:
+    selector = pod.get("nodeSelector") or {}
+    if str(selector.get("cloud.google.com/gke-spot", "")).lower() == "true":
+        return False
+    if str(selector.get("cloud.google.com/gke-spot", "")).lower() == "false":
+        return True
+    terms = (
+        (((pod.get("affinity") or {}).get("nodeAffinity") or {}).get("requiredDuringSchedulingIgnoredDuringExecution"))
+        or {}
+    ).get("nodeSelectorTerms") or []
+    return bool(terms) and all(
+        any(
+            e.get("key") == "cloud.google.com/gke-spot"
+            and (
+                e.get("operator") == "DoesNotExist" or (e.get("operator") == "NotIn" and "true" in e.get("values", []))
+            )
+            for e in term.get("matchExpressions") or []
+        )
+        for term in terms
+    )
+
+
+def _quantity(value: Any, memory: bool) -> float:
+    """A Kubernetes quantity in CPUs or GiB."""
+    text = str(value)
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+    if not memory:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * factor / 2**30
+    return float(text) / 2**30
+
+
+def _allocatable_problems(where: str, group: dict[str, Any]) -> list[str]:
+    pod = (group.get("template") or {}).get("spec") or {}
+    machine = (pod.get("nodeSelector") or {}).get("node.kubernetes.io/instance-type")
+    if machine not in NODE_ALLOCATABLE:
+        return []
+    problems = []
+    for key, memory, unit in (("cpu", False, "CPUs"), ("memory", True, "GiB")):
+        wanted = 0.0
+        for container in _containers(group):
+            resources = container.get("resources") or {}
+            value = (resources.get("requests") or {}).get(key, (resources.get("limits") or {}).get(key))
+            if value is not None:
+                wanted += _quantity(value, memory)
+        name = "memory_gib" if memory else "cpu"
+        room = NODE_ALLOCATABLE[machine][name] - DAEMONSET_HEADROOM[name]
+        if wanted > room:
+            problems.append(
+                f"{where}: its containers request {wanted:g} {unit} of {key}, more than a {machine} node offers "
+                f"pods ({NODE_ALLOCATABLE[machine][name]:g} {unit} allocatable, less {DAEMONSET_HEADROOM[name]:g} for "
+                f"GKE's DaemonSets): the pod would never be scheduled; request at most {room:g} {unit}"
+            )
+    return problems
+
+
+def _entrypoint_problems(spec: dict[str, Any]) -> list[str]:
+    entrypoint = " ".join(str(spec.get("entrypoint", "")).split())
+    problems = []
+    if "posetune search" in entrypoint and "--resume" not in entrypoint.split():
+        problems.append(
+            "spec.entrypoint runs `posetune search` without --resume: a retried or re-applied job would not "
+            "continue the search from the bucket; add --resume"
+        )
+    for container in ((spec.get("submitterPodTemplate") or {}).get("spec") or {}).get("containers") or []:
+        args = [str(a) for a in container.get("args") or []]
+        if container.get("command") and "--" in args:
+            submitted = " ".join(" ".join(args[args.index("--") + 1 :]).split())
+            if submitted != entrypoint:
+                problems.append(
+                    f"spec.submitterPodTemplate container {container.get('name')}: its arguments after `--` "
+                    f"({submitted!r}) are what it submits, and differ from spec.entrypoint: make them equal"
+                )
+    return problems
+
+
+def manifest_problems(documents: list[dict[str, Any]]) -> list[str]:
+    """The Kubernetes objects beside the RayJob (MLflow's Deployment, Service, volume)."""
+    problems = placeholder_problems(documents)
+    for doc in documents:
+        kind, name = doc.get("kind"), (doc.get("metadata") or {}).get("name")
+        spec = doc.get("spec") or {}
+        if kind == "Service" and spec.get("type") in PUBLIC_SERVICE_TYPES:
+            problems.append(f"Service {name}: type {spec['type']!r} exposes it: use ClusterIP and kubectl port-forward")
+        if kind in ("Deployment", "StatefulSet"):
+            for container in ((spec.get("template") or {}).get("spec") or {}).get("containers") or []:
+                for _, command in _strings(container.get("command") or []):
+                    problems += self_kill_problems(f"{kind} {name} container {container.get('name')}", command)
     return problems
 
 
@@ -329,4 +571,38 @@ def _worker_group_problems(where: str, group: dict[str, Any]) -> list[str]:
             f"{where}: asks for nvidia.com/gpu but tolerates no nvidia.com/gpu taint: GPU nodes would never "
             "take its pods; add {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}"
         )
+    problems += _allocatable_problems(where, group)
     return problems
+
+
+# --- The image's constraints --------------------------------------------------------------------
+
+
+def runtime_constraints(project: str = "posetune") -> list[str]:
+    """`name==version` for every distribution `project` needs at run time, as installed here: the
+    image installs exactly the tested environment (cluster/constraints.txt)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, tuple[str, str]] = {}
+    extras_seen: dict[str, set[str]] = {}
+    todo = [(project, frozenset())]
+    while todo:
+        name, extras = todo.pop()
+        dist = metadata.distribution(name)
+        key = canonicalize_name(dist.metadata["Name"])
+        if key in found and extras <= extras_seen[key]:
+            continue
+        found[key] = (dist.metadata["Name"], dist.version)
+        extras_seen.setdefault(key, set()).update(extras)
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            environments = [{"extra": e} for e in (extras or {""})]
+            if requirement.marker is None or any(requirement.marker.evaluate(env) for env in environments):
+                todo.append((requirement.name, frozenset(requirement.extras)))
+    found.pop(canonicalize_name(project))
+    return [f"{found[key][0]}=={found[key][1]}" for key in sorted(found)]
+
+
+if __name__ == "__main__":  # python -m posetune.cluster.files > cluster/constraints.txt
+    print(CONSTRAINTS_HEADER + "\n".join(runtime_constraints()))
