@@ -17,8 +17,14 @@ from posetune.data import synth
 from helpers import GCSEmulator, free_port
 
 # What a test starts when it asks for one of these fixtures (`two_nodes` is test_cluster.py's,
-# `server` test_tracking.py's `mlflow server`; the others are below).
-MARKED_FIXTURES = {"ray_cluster": "ray", "two_nodes": "ray", "gcs": "server", "server": "server"}
+# `server` test_tracking.py's `mlflow server`, `http_server` test_storage.py's; the others are below).
+MARKED_FIXTURES = {
+    "ray_cluster": "ray",
+    "two_nodes": "ray",
+    "gcs": "server",
+    "server": "server",
+    "http_server": "server",
+}
 
 
 def pytest_collection_modifyitems(items):

@@ -11,6 +11,7 @@ import pytest
 from helpers import REPO
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_gpu_benchmark_skips_without_a_gpu_and_runs_on_the_cpu_as_a_smoke_test(tmp_path):
     def run(*args):

@@ -76,6 +76,7 @@ def two_ranks(sync: bool) -> dict[int, dict[str, torch.Tensor]]:
         return dict(out)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sync_batchnorm_two_ranks_equal_one_process_on_the_combined_batch():
     dtype = torch.get_default_dtype()

@@ -62,7 +62,7 @@ def test_shipped_spaces_validate():
     assert base.model.backbone == "vgg16" and default.search.points_to_evaluate[0]["optimizer.lr"] == 1e-4
 
 
-def test_valid_space_and_overrides(tmp_path):
+def test_overrides_and_name_apply_to_the_space_and_its_base_config(tmp_path):
     space, base = load_space(write(tmp_path, SPACE), ["search.num_samples=2", "train.epochs=3"], name="other")
     assert space.search.num_samples == 2 and base.train.epochs == 3 and space.storage.name == "other"
 
@@ -147,7 +147,10 @@ def test_all_problems_reported_together(tmp_path):
     )
     with pytest.raises(ConfigError) as err:
         load_space(write(tmp_path, space))
-    assert str(err.value).count("\n") >= 3
+    message = str(err.value)
+    assert "parameters.optimizer.lr: low must be < high" in message
+    assert "search.metric = 'acc' is not a metric" in message
+    assert "parameters.train.batch_size: choice needs a non-empty" in message
 
 
 def test_define_by_run_samples_conditionals_and_constants(tmp_path):

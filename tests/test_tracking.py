@@ -230,6 +230,7 @@ def test_train_logs_one_run_to_the_embedded_store_without_a_server(synth_small, 
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"checkpoints", "config.yaml", "metrics.json"}
 
 
+@pytest.mark.server
 def test_ui_serves_the_embedded_store(synth_small, tmp_path):
     (tmp_path / "runs").mkdir()
     from posetune.tracking.runs import embedded_store, experiment_id_for

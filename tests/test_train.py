@@ -53,6 +53,7 @@ def trivial_metrics(train_root, val_root):
     return pose_metrics(train.translations.mean(0).expand(n, 3), mean_q.expand(n, 4), val.translations, val.quaternions)
 
 
+@pytest.mark.slow
 def test_training_learns_beyond_half_the_trivial_error(synth_learn, tmp_path):
     cfg = load_config(
         "configs/quick.yaml",
