@@ -4,7 +4,6 @@ and prints the result. User errors (``PosetuneError``) print one line and exit w
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -12,7 +11,6 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from posetune.errors import PosetuneError
 from posetune.tables import format_table
@@ -78,7 +76,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from posetune.train.inference import model_from_checkpoint, predict_images
 
     if args.model:
-        from posetune.tracking.runs import load_registered_model
+        from posetune.tracking.registry import load_registered_model
 
         model, cfg = load_registered_model(args.model, args.tracking_uri)
     else:
@@ -96,24 +94,31 @@ def _progress_bar(total: int, unit: str, desc: str):
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    import tempfile
-
     from posetune import storage
-    from posetune.data.synth import check_output, generate
+    from posetune.data.tools import check_synthesis, synthesize
 
     splits = {"train": args.train, "val": args.val, "test": args.test}
-    remote = not storage.is_local(args.out)
-    if remote and storage.exists(args.out) and not args.overwrite:
-        raise PosetuneError(f"{args.out} already exists; pass --overwrite to replace it")
-    with tempfile.TemporaryDirectory(prefix="posetune-synth-") as scratch:
-        out = Path(scratch) if remote else storage.local_path(args.out, "OUT")
-        check_output(out, splits, args.overwrite)
-        start = time.perf_counter()
-        with _progress_bar(sum(splits.values()), "img", "rendering") as bar:
-            written = generate(out, splits, args.seed, args.workers, not args.no_jitter, args.overwrite, bar.update)
-        seconds = time.perf_counter() - start
-        if remote:
-            _push(str(out), args.out, "cube_position", args.overwrite, shown="the rendered dataset")
+    check_synthesis(args.out, splits, args.overwrite)  # before the progress bar is drawn
+    rendered: list[float] = []  # when the rendering ended: the upload is not rendering time
+
+    def push(scratch: str, destination: str) -> None:
+        rendered.append(time.perf_counter())
+        bar.close()
+        _push(scratch, destination, "cube_position", args.overwrite, shown="the rendered dataset")
+
+    start = time.perf_counter()
+    with _progress_bar(sum(splits.values()), "img", "rendering") as bar:
+        written = synthesize(
+            args.out,
+            splits,
+            args.seed,
+            workers=args.workers,
+            camera_jitter=not args.no_jitter,
+            overwrite=args.overwrite,
+            on_progress=bar.update,
+            push=push,
+        )
+    seconds = (rendered[0] if rendered else time.perf_counter()) - start
     for name in written:
         print(f"{name}: {splits[name]} images -> {storage.join(args.out, name)}")
     print(f"{sum(splits.values())} images in {seconds:.1f} s ({sum(splits.values()) / seconds:.0f} img/s)")
@@ -148,10 +153,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from posetune.cluster.placement import local_shape
     from posetune.search.results import summary_lines
-    from posetune.search.run import describe_plan, experiment_dir, plan_resources, run_search
-    from posetune.search.space import load_space, space_params
+    from posetune.search.run import plan_search, run_search
+    from posetune.search.space import load_space
+    from posetune.tracking.runs import open_search_run
 
     if args.retry_failed and not args.resume:
         from posetune.errors import ConfigError
@@ -159,30 +164,20 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ConfigError("--retry-failed runs the failed trials of a search again: use it with --resume")
     space, base = load_space(args.space, args.overrides, args.name)
     if args.dry_run:
-        plan = None if os.environ.get("RAY_ADDRESS") else plan_resources(space, local_shape())
-        print("\n".join(describe_plan(space, base, plan)))
-        if plan is None:
-            print("concurrency: decided from the cluster at RAY_ADDRESS when the search starts")
+        print("\n".join(plan_search(space, base)))
         print("dry run: nothing was started or written")
         return 0
     resume = ["posetune search", args.space, "--resume", *(["--name", args.name] if args.name else []), *args.overrides]
     resume_hint = f"search interrupted; continue it with:\n  {' '.join(resume)}"
-    tracking = contextlib.nullcontext()
-    if space.tracking.enabled:
-        from posetune.tracking.runs import SearchRun
-
-        name, folder = space.storage.name, experiment_dir(space)
-        tracking = SearchRun(space.tracking, name, folder, args.space, space_params(space))
     try:
-        with tracking as run:
-            listeners = [run] if run else []
-            summary = run_search(space, base, resume=args.resume, retry_failed=args.retry_failed, listeners=listeners)
+        with open_search_run(space, args.space) as run:
+            summary = run_search(space, base, resume=args.resume, retry_failed=args.retry_failed, listeners=[run])
     except KeyboardInterrupt:
         print(f"\n{resume_hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print()
     print("\n".join(summary_lines(summary)))
-    if run and not run.unlogged:
+    if run.uri and not run.unlogged:
         print(f"MLflow: everything was logged to {run.uri} (`posetune ui` to browse an embedded store)")
     if summary.interrupted:
         print(f"\n{resume_hint}", file=sys.stderr)
@@ -212,7 +207,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from posetune.errors import ConfigError
-    from posetune.tracking.runs import experiment_urls, start_ui
+    from posetune.tracking.ui import experiment_urls, start_ui
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a TCP port: choose one from 1 to 65535")

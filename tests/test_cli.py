@@ -136,7 +136,7 @@ def test_user_errors_leave_nothing_behind(tmp_path, monkeypatch):
 def test_experiments_open_on_the_runs_table(tmp_path):
     from mlflow import MlflowClient
 
-    from posetune.tracking.runs import experiment_id_for
+    from posetune.tracking.store import experiment_id_for
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -18,7 +18,7 @@ import pytest
 
 from posetune import cli
 from posetune.errors import PosetuneError
-from posetune.tracking.runs import AsyncLogger, check_tracking_uri, resolve_tracking_uri
+from posetune.tracking.store import AsyncLogger, check_tracking_uri, resolve_tracking_uri
 
 from helpers import REPO, read_results, tiny_space, wait_for
 
@@ -233,7 +233,7 @@ def test_train_logs_one_run_to_the_embedded_store_without_a_server(synth_small, 
 @pytest.mark.server
 def test_ui_serves_the_embedded_store(synth_small, tmp_path):
     (tmp_path / "runs").mkdir()
-    from posetune.tracking.runs import embedded_store, experiment_id_for
+    from posetune.tracking.store import embedded_store, experiment_id_for
 
     uri, _ = embedded_store(tmp_path / "runs")
     experiment_id_for(client_for(uri), "posetune", uri)
@@ -366,7 +366,7 @@ def test_a_search_run_is_a_listener_that_closes_its_parent(tmp_path):
     """The search's events, sent by hand: a parent, one child per trial, and the parent FAILED
     when the search raises after it started."""
     from posetune.config import Config, TrackingConfig
-    from posetune.search.results import Outcome, SearchStarted, TrialEnded, TrialReported, TrialStarted
+    from posetune.search.events import Outcome, SearchStarted, TrialEnded, TrialReported, TrialStarted
     from posetune.tracking.runs import SearchRun
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,7 +1,9 @@
-"""Whole datasets: check every split, push a local dataset to a bucket, generate one there.
+"""Whole datasets: check every split, push a local dataset to a bucket, synthesize one (locally
+or straight into a bucket).
 
-Reading one split into an index is `posetune.perception`; turning it into batches is
-`posetune.data`. This module works on a dataset as a user hands it over (`posetune data ...`).
+Reading one split into an index is `data.perception`; turning it into batches is `data.loader`.
+This module works on a dataset as a user hands it over (`posetune data ...`, a search's
+`base.synthetic`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from posetune import storage
-from posetune.errors import DataError, StorageError
 from posetune.data.fetch import fetch_dataset
 from posetune.data.perception import PoseIndex, read_split
+from posetune.errors import DataError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,53 @@ def push_dataset(
     for split in splits:
         sent += storage.upload_tree(root / split, storage.join(destination, split), on_progress)
     return indexes, sent
+
+
+def check_synthesis(root: str, splits: dict[str, int], overwrite: bool = False) -> None:
+    """Refuse a synthesis before any rendering: negative counts, existing local splits, or a
+    bucket destination that already holds something (unless `overwrite`)."""
+    from posetune.data.synth import check_output
+
+    if storage.is_local(root):
+        check_output(storage.local_path(root, "OUT"), splits, overwrite)
+        return
+    if storage.exists(root) and not overwrite:
+        raise StorageError(f"{root} already exists; pass --overwrite to replace it")
+    # A bucket's splits are rendered into an empty scratch folder: only the counts can be wrong.
+    check_output(Path(tempfile.gettempdir()), splits, overwrite=True)
+
+
+def synthesize(
+    root: str,
+    splits: dict[str, int],
+    seed: int = 0,
+    *,
+    workers: int | None = None,
+    camera_jitter: bool = True,
+    overwrite: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+    push: Callable[[str, str], None] | None = None,
+) -> list[str]:
+    """Render the synthetic scene's splits (name -> frames) into `root`; return the splits written.
+
+    A local root is written in place (each split appears complete or not at all). A bucket gets
+    them through a scratch folder that is then pushed as a whole: ``push(scratch, root)``, by
+    default ``push_dataset`` (which checks every split before uploading). `overwrite` replaces
+    existing local splits, or whatever the bucket destination holds."""
+    from posetune.data.synth import generate
+
+    check_synthesis(root, splits, overwrite)
+    if storage.is_local(root):
+        return list(
+            generate(storage.local_path(root, "OUT"), splits, seed, workers, camera_jitter, overwrite, on_progress)
+        )
+    with tempfile.TemporaryDirectory(prefix="posetune-synth-") as scratch:
+        written = list(generate(Path(scratch), splits, seed, workers, camera_jitter, overwrite, on_progress))
+        if push is None:
+            push_dataset(scratch, root, overwrite=overwrite)
+        else:
+            push(scratch, root)
+    return written
 
 
 def zip_folder(root: Path, splits: Sequence[str], archive: Path) -> None:

@@ -1,9 +1,8 @@
-"""A search's results: the trial events a search emits, one typed record per trial, ranking by
-the one "better" rule, results.json and the summary table.
+"""A search's results: one typed record per trial, ranking by the one "better" rule,
+results.json, the experiment folder and the summary table.
 
-It sits beside search and tracking: the search emits ``TrialStarted`` / ``TrialReported`` /
-``TrialEnded`` (and ``SearchStarted`` / ``SearchEnded``) to listeners; ``SearchResults`` here
-and tracking's MLflow run are two such listeners. Nothing here imports Ray, torch or MLflow.
+``SearchResults`` here is one listener of the search's events (``search.events``); tracking's
+MLflow run is another. Nothing here imports Ray, torch or MLflow.
 """
 
 from __future__ import annotations
@@ -12,79 +11,39 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from functools import cmp_to_key
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from posetune import storage
 from posetune.choices import METRIC_NAMES, better, diverged_result
 from posetune.config import Config
 from posetune.errors import PosetuneError
+
+# The events and Outcome lived here before search/events.py. Searches saved by the flat layout
+# pickled them as posetune.results.*, which search/legacy.py maps to this module: keep these names.
+from posetune.search.events import (  # noqa: F401 - re-exported, see above
+    REPORTED,
+    Listener,
+    Outcome,
+    SearchEnded,
+    SearchEvent,
+    SearchStarted,
+    TrialEnded,
+    TrialEvent,
+    TrialReported,
+    TrialStarted,
+)
 from posetune.tables import format_table
 
+if TYPE_CHECKING:
+    from posetune.search.space import SearchSpace
+
 log = logging.getLogger(__name__)
-
-# What a trial reports at each evaluation: the metrics plus training loss and throughput.
-REPORTED = (*METRIC_NAMES, "train_loss", "train_images_per_s")
-
-
-class Outcome(str, Enum):
-    """Where a trial (or a training run) stands or how it ended."""
-
-    RUNNING = "running"
-    COMPLETED = "completed"  # trained its whole budget
-    STOPPED_EARLY = "stopped_early"  # stopped by ASHA
-    FAILED = "failed"  # an error
-    DIVERGED = "diverged"  # the loss became NaN or infinite
-    INTERRUPTED = "interrupted"  # Ctrl-C (training runs; an interrupted trial stays RUNNING)
-
-    @property
-    def run_status(self) -> str:
-        """MLflow's run status for this outcome."""
-        if self in (Outcome.FAILED, Outcome.DIVERGED):
-            return "FAILED"
-        return {Outcome.RUNNING: "RUNNING", Outcome.INTERRUPTED: "KILLED"}.get(self, "FINISHED")
-
 
 COUNTED = (Outcome.RUNNING, Outcome.COMPLETED, Outcome.STOPPED_EARLY, Outcome.FAILED, Outcome.DIVERGED)
 
 
-# --- Events -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SearchStarted:
-    """Every check has passed; the first trial is about to start."""
-
-    folder: str  # the experiment folder (local or gs://)
-    resume: bool
-
-
-@dataclass(frozen=True)
-class TrialStarted:
-    trial_id: str
-    params: dict[str, Any]  # the sampled values
-    config: Config  # the trial's whole resolved config
-
-
-@dataclass(frozen=True)
-class TrialReported:
-    trial_id: str
-    params: dict[str, Any]
-    samples_seen: int
-    metrics: dict[str, float]  # the names in REPORTED that the trial reported
-    checkpoint: str | None  # URI of the trial's checkpoint folder (last.pt, best.pt)
-
-
-@dataclass(frozen=True)
-class TrialEnded:
-    trial_id: str
-    params: dict[str, Any]
-    outcome: Outcome
-    samples_seen: int
-    error: str | None
-    checkpoint: str | None
-    resource_hours: dict[str, float]  # what its workers held since it (re)started: {"GPU": h, "CPU": h}
+# --- The summary ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -106,22 +65,6 @@ class SearchSummary:
     @property
     def best(self) -> TrialRecord | None:
         return self.records[0] if self.records and self.records[0].best_metrics else None
-
-
-@dataclass(frozen=True)
-class SearchEnded:
-    summary: SearchSummary
-    study: Any  # the searcher's Optuna study (None when it saved none)
-
-
-TrialEvent = TrialStarted | TrialReported | TrialEnded
-SearchEvent = SearchStarted | TrialEvent | SearchEnded
-
-
-class Listener(Protocol):
-    """Receives a search's events in order, on the search's driver process."""
-
-    def on_event(self, event: SearchEvent) -> None: ...
 
 
 # --- Records ------------------------------------------------------------------------------------
@@ -271,6 +214,12 @@ class SearchResults:
     def _clock(self) -> str:
         seconds = int(time.monotonic() - self.start)
         return f"[{seconds // 60:3d}:{seconds % 60:02d}]"
+
+
+def experiment_dir(space: SearchSpace) -> str:
+    """<storage.path>/<storage.name>: an absolute local folder or a gs:// URI (where a search
+    keeps results.json and everything else; see search.run)."""
+    return storage.join(storage.absolute(space.storage.path), space.storage.name)
 
 
 def load_results(folder: str) -> tuple[list[TrialRecord], str, str]:

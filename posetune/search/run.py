@@ -1,14 +1,14 @@
 """`posetune search`: Ray Tune over trials that each fit a Ray Train TorchTrainer.
 
-The search checks its folder, data and cluster, plans resources (posetune.placement), runs
-Tune with the searcher and scheduler of posetune.searchers, turns Tune's trial callbacks into
+The search checks its folder, data and cluster, plans resources (cluster.placement), runs
+Tune with the searcher and scheduler of search.searchers, turns Tune's trial callbacks into
 plain trial events for its listeners (results.json, tracking) and exports the best trial.
 
 Experiment folder ``<storage.path>/<storage.name>/``:
     tune/                   Ray Tune's experiment state and trial folders
     train/<trial id>/       Ray Train runs: each trial's checkpoints (last.pt + its best.pt)
     search.json             what was searched (to refuse a --resume with a different space)
-    results.json            {"trials": [...]}, updated live (posetune.results)
+    results.json            {"trials": [...]}, updated live (search.results)
     best_config.yaml        the best trial's config; `posetune train --config` accepts it
     best/model.pt           the best trial's best checkpoint
     summary.txt             the final table
@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ray import tune
@@ -32,22 +32,21 @@ from posetune.cluster.placement import ClusterShape, ResourcePlan
 from posetune.config import Config
 from posetune.data.fetch import fetch_dataset
 from posetune.data.perception import read_split
+from posetune.data.tools import synthesize
 from posetune.errors import ConfigError, PosetuneError
-from posetune.search.legacy import alias_flat_layout
-from posetune.search.results import (
+from posetune.search.events import (
     REPORTED,
     Listener,
     Outcome,
     SearchEnded,
     SearchEvent,
-    SearchResults,
     SearchStarted,
-    SearchSummary,
     TrialEnded,
     TrialReported,
     TrialStarted,
-    summary_lines,
 )
+from posetune.search.legacy import alias_flat_layout
+from posetune.search.results import SearchResults, SearchSummary, experiment_dir, summary_lines
 from posetune.search.searchers import MODEL_BASED, build_scheduler, build_searcher
 from posetune.search.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, eval_milestone, used_values
 from posetune.search.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
@@ -63,7 +62,7 @@ TUNE_FOLDER = "tune"
 
 
 def plan_resources(space: SearchSpace, cluster: ClusterShape) -> ResourcePlan:
-    """The search's resource plan on this cluster (see posetune.placement)."""
+    """The search's resource plan on this cluster (see cluster.placement)."""
     r, s = space.resources, space.search
     return placement.plan_resources(
         workers_per_trial=r.workers_per_trial,
@@ -87,7 +86,7 @@ def trial_outcome(result: dict[str, Any], budget: int) -> Outcome:
 
 class TrialEvents(tune.Callback):
     """The search's one Tune callback: Tune's trial callbacks as posetune's plain trial events
-    (posetune.results), sent to every listener in order."""
+    (search.events), sent to every listener in order."""
 
     def __init__(self, listeners: Sequence[Listener], setup: TrialSetup, folder: str):
         # Not `self.setup`: that is a Tune callback method.
@@ -175,11 +174,6 @@ def _trial_dirname(trial) -> str:
     return f"trial-{trial.trial_id}"  # Tune's default embeds every parameter in the name
 
 
-def experiment_dir(space: SearchSpace) -> str:
-    """<storage.path>/<storage.name>: an absolute local folder or a gs:// URI."""
-    return storage.join(storage.absolute(space.storage.path), space.storage.name)
-
-
 def absolute_paths(cfg: Config) -> Config:
     """Trials run in other processes (and folders, and nodes): no relative paths."""
     cfg = cfg.model_copy(deep=True)
@@ -199,27 +193,12 @@ def ensure_dataset(space: SearchSpace, cfg: Config) -> int:
     synthetic = space.base.synthetic
     if synthetic and not storage.exists(storage.join(root, cfg.dataset.train_split)):
         log.info("generating a synthetic dataset in %s (%d + %d frames)", root, synthetic.train, synthetic.val)
-        _generate_synthetic(
-            root, {cfg.dataset.train_split: synthetic.train, cfg.dataset.val_split: synthetic.val}, synthetic.seed
-        )
-    index = read_split(
-        fetch_dataset(root, cfg.dataset.cache_dir), cfg.dataset.train_split, cfg.estimator.label_name
-    )
+        splits = {cfg.dataset.train_split: synthetic.train, cfg.dataset.val_split: synthetic.val}
+        # Local splits that exist are never replaced; a bucket without the train split holds no
+        # usable dataset (at most an interrupted upload) and is replaced.
+        synthesize(root, splits, synthetic.seed, overwrite=not storage.is_local(root))
+    index = read_split(fetch_dataset(root, cfg.dataset.cache_dir), cfg.dataset.train_split, cfg.estimator.label_name)
     return len(index.head(cfg.train.sample_size))
-
-
-def _generate_synthetic(root: str, splits: dict[str, int], seed: int) -> None:
-    import tempfile
-
-    from posetune.data.synth import generate
-    from posetune.data.tools import push_dataset
-
-    if storage.is_local(root):
-        generate(storage.local_path(root, "dataset.root"), splits, seed=seed, overwrite=False)
-        return
-    with tempfile.TemporaryDirectory(prefix="posetune-synth-") as scratch:
-        generate(Path(scratch), splits, seed=seed, overwrite=False)
-        push_dataset(scratch, root, overwrite=True)
 
 
 def _fingerprint(space: SearchSpace, base: Config) -> str:
@@ -267,6 +246,18 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
     return lines
 
 
+def plan_search(space: SearchSpace, base: Config) -> list[str]:
+    """What `posetune search --dry-run` prints: the resolved space, the trial count and the
+    resource plan on this machine's Ray resources. Starts nothing: with RAY_ADDRESS set the
+    cluster decides the concurrency when the search starts."""
+    remote = bool(os.environ.get("RAY_ADDRESS"))
+    plan = None if remote else plan_resources(space, placement.local_shape())
+    lines = describe_plan(space, base, plan)
+    if plan is None:
+        lines.append("concurrency: decided from the cluster at RAY_ADDRESS when the search starts")
+    return lines
+
+
 def run_search(
     space: SearchSpace,
     base: Config,
@@ -291,7 +282,7 @@ def run_search(
 
     started_ray = placement.connect_ray(space.resources.local_cpus)
     try:
-        cluster = placement.cluster_shape()
+        cluster = placement.cluster_shape(space.resources.autoscaler())
         placement.check_storage_reachable(folder, space.storage.path, space.storage.shared, cluster)
         plan = plan_resources(space, cluster)
         for line in describe_plan(space, base, plan):

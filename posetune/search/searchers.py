@@ -113,5 +113,9 @@ SCHEDULERS: dict[str, Callable[[SearchSpace], TrialScheduler]] = {
 }
 
 
+def list_schedulers() -> list[str]:
+    return sorted(SCHEDULERS)
+
+
 def build_scheduler(space: SearchSpace) -> TrialScheduler:
     return SCHEDULERS[space.search.scheduler](space)

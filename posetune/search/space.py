@@ -16,7 +16,6 @@ path, the bad value and what is allowed.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -535,15 +534,3 @@ def describe_parameter(p: Parameter) -> str:
     if p.when:
         text += "  when " + ", ".join(f"{k}={v}" for k, v in p.when.items())
     return text
-
-
-def space_params(space: SearchSpace) -> dict[str, Any]:
-    """The search's own settings, flattened (a search's MLflow parent-run params)."""
-    params = {f"space.{key}": describe_parameter(p) for key, p in space.parameters.items()}
-    for section in ("search", "resources"):
-        for key, value in getattr(space, section).model_dump(mode="json").items():
-            if key != "points_to_evaluate":
-                params[f"{section}.{key}"] = json.dumps(value) if isinstance(value, dict) else value
-    params["search.points_to_evaluate"] = len(space.search.points_to_evaluate)
-    params["base.config"] = space.base.config
-    return params

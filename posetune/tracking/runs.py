@@ -1,18 +1,14 @@
-"""MLflow tracking: a parent run per search with one nested child run per trial (``SearchRun``,
-a listener of the search's events in posetune.results), and one run per `posetune train`
+"""MLflow runs: a parent run per search with one nested child run per trial (``SearchRun``, a
+listener of the search's events in search.events), and one run per `posetune train`
 (``TrainRun``). Both are context managers: a run closes itself as FINISHED, FAILED or KILLED.
-Nothing here imports Ray, the search or the trials.
+``open_search_run`` is the one way in for a search, from the CLI or from Python. Nothing here
+imports Ray, the search's run or the trials.
 
 Everything is logged from the driver process: Tune already receives rank 0's metrics, so
 there is exactly one writer and no MLflow state in training workers. Calls go through
-``AsyncLogger``, a background thread that applies them in order and keeps retrying while the
-server is away: training never waits on tracking, and a restarted server catches up. Run ids
-live on disk (``tracking.json`` in the experiment folder), so a resumed search continues the
-same parent and child runs instead of creating duplicates.
-
-Tracking URI, in priority order: an explicit ``tracking.tracking_uri`` (config or search
-file) > ``$MLFLOW_TRACKING_URI`` > the embedded SQLite store ``runs/mlflow.db`` (artifacts
-in ``runs/mlartifacts``), which needs no server and is what ``posetune ui`` opens.
+tracking.store's ``AsyncLogger``: training never waits on tracking. Run ids live on disk
+(``tracking.json`` in the experiment folder), so a resumed search continues the same parent
+and child runs instead of creating duplicates.
 """
 
 from __future__ import annotations
@@ -20,195 +16,43 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import queue
-import re
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from posetune import storage
 from posetune.config import Config, TrackingConfig, flatten
 from posetune.errors import PosetuneError, TrainingDiverged
-from posetune.search.results import (
+from posetune.search.events import (
     REPORTED,
     Outcome,
     SearchEnded,
     SearchEvent,
     SearchStarted,
-    SearchSummary,
     TrialEnded,
     TrialReported,
     TrialStarted,
 )
+from posetune.search.results import SearchSummary, experiment_dir
+from posetune.search.space import SearchSpace, describe_parameter
+from posetune.tracking.registry import register_model
+from posetune.tracking.store import (
+    AsyncLogger,
+    check_tracking_uri,
+    experiment_id_for,
+    mlflow_client,
+    resolve_tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
-PROJECT_RUNS = Path("runs")  # the project's run folder, relative to the working directory
 STATE_FILE = "tracking.json"
 
 
-# --- Where runs go --------------------------------------------------------------------------
-
-
-def embedded_store(runs: Path = PROJECT_RUNS) -> tuple[str, str]:
-    """(tracking URI, artifact root) of the embedded SQLite store in the project's run folder."""
-    runs = runs.resolve()
-    return f"sqlite:///{runs / 'mlflow.db'}", str(runs / "mlartifacts")
-
-
-def resolve_tracking_uri(explicit: str | None) -> str:
-    """explicit setting > $MLFLOW_TRACKING_URI > the embedded SQLite store."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or embedded_store()[0]
-
-
-def artifact_root_for(uri: str) -> str | None:
-    """Where a new experiment keeps artifacts: next to an embedded SQLite store; a server
-    decides for itself (None)."""
-    if uri.startswith("sqlite:///"):
-        return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
-    return None
-
-
-def check_tracking_uri(uri: str, create: bool = True) -> None:
-    """Fail before any training starts when runs cannot be logged. `create=False` checks an
-    embedded store's folder without making it (nothing is written before training starts)."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
-                response.read()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise PosetuneError(
-                f"MLflow tracking server {uri} is not reachable ({reason}); start it, point "
-                "tracking.tracking_uri / MLFLOW_TRACKING_URI elsewhere, or set tracking.enabled=false"
-            ) from None
-    elif uri.startswith("sqlite:///") and create:
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    elif uri.startswith("file:"):
-        raise PosetuneError(
-            f"tracking URI {uri}: MLflow 3 no longer accepts file stores; use sqlite:///PATH.db or http(s)://"
-        )
-
-
-def _client(uri: str):
-    # MLflow's own HTTP retries would block our logging thread for minutes per call; it
-    # retries on its own schedule instead.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-# MLflow 3's UI opens an experiment by this tag: its model-training view (the runs table),
-# not the GenAI overview it shows untagged experiments.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def experiment_id_for(client, name: str, uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if "mlflow.experimentKind" not in experiment.tags:
-            client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
-        return experiment.experiment_id
-    root = artifact_root_for(uri)
-    location = Path(root, name).as_uri() if root else None
-    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
-
-
-# --- Background logging -----------------------------------------------------------------------
-
-
-class AsyncLogger:
-    """Applies MLflow calls in order on a background thread, retrying transient failures
-    (server down, timeouts) with backoff until they succeed or ``close`` gives up on them."""
-
-    def __init__(self, max_backoff_s: float = 15.0):
-        self._queue: queue.Queue = queue.Queue()
-        self._max_backoff = max_backoff_s
-        self._closing = threading.Event()
-        self._busy = False
-        self.failed: list[str] = []  # what could not be logged, and why
-        self.outages = 0
-        self._thread = threading.Thread(target=self._run, name="posetune-mlflow", daemon=True)
-        self._thread.start()
-
-    def submit(self, what: str, call: Callable[[], Any]) -> None:
-        self._queue.put((what, call))
-
-    def close(self, timeout_s: float) -> list[str]:
-        """Wait up to timeout_s for queued calls; report the ones that did not make it."""
-        deadline = time.monotonic() + timeout_s
-        while not self._queue.empty() or self._busy:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        self._closing.set()
-        self._queue.put(None)
-        self._thread.join(timeout=max(1.0, deadline - time.monotonic() + 5))
-        while True:  # whatever is still queued was not logged
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                self.failed.append(f"{item[0]} (gave up: tracking server unavailable at the end)")
-        return self.failed
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            self._busy = True
-            self._apply(*item)
-            self._busy = False
-
-    def _apply(self, what: str, call: Callable[[], Any]) -> None:
-        backoff, down = 1.0, False
-        while True:
-            try:
-                call()
-            except Exception as exc:  # classified below
-                if not _transient(exc):
-                    self.failed.append(f"{what}: {str(exc).splitlines()[0][:200]}")
-                    log.warning("MLflow: could not log %s: %s", what, str(exc).splitlines()[0][:200])
-                    return
-                if self._closing.is_set():
-                    self.failed.append(f"{what} (gave up: {str(exc).splitlines()[0][:120]})")
-                    return
-                if not down:
-                    down = True
-                    self.outages += 1
-                    log.warning("MLflow unavailable (%s); retrying in the background", str(exc).splitlines()[0][:100])
-                time.sleep(backoff)
-                backoff = min(self._max_backoff, backoff * 2)
-                continue
-            if down:
-                log.info("MLflow reachable again; catching up")
-            return
-
-
-def _transient(exc: Exception) -> bool:
-    """Worth retrying: the store could not be reached or was briefly overloaded. Anything else
-    (a rejected value, a missing run, a bug) would fail the same way again."""
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
-        return True
-    text = str(exc)
-    return (
-        "failed with exception" in text  # MLflow's wording for a transport failure
-        or re.search(r"failed with error code (429|5\d\d)", text) is not None
-        or "database is locked" in text
-    )
+# --- What a run logs ---------------------------------------------------------------------------
 
 
 def _metrics_batch(metrics: dict[str, Any], step: int, keys: Iterable[str] = REPORTED):
@@ -262,12 +106,21 @@ class SearchRun:
     same parent and child runs. Calls after the parent run is opened go through an
     ``AsyncLogger``: the search never waits on MLflow."""
 
-    def __init__(self, settings: TrackingConfig, name: str, folder: str, space_file: str, params: dict[str, Any]):
+    def __init__(
+        self,
+        settings: TrackingConfig,
+        name: str,
+        folder: str,
+        space_file: str | None,
+        params: dict[str, Any],
+        space: SearchSpace | None = None,  # logged as YAML when there is no space_file
+    ):
         self.uri = resolve_tracking_uri(settings.tracking_uri)
         self.experiment_name = settings.experiment_name or name
         self.model_name = settings.registered_model_name or f"posetune-{name}"
         self.log_checkpoints = settings.log_checkpoints
         self.name, self.folder, self.space_file, self.params = name, folder, space_file, params
+        self.space = space
         self.parent_run_id: str | None = None
         self.unlogged: list[str] = []  # what MLflow did not receive, once closed
         self._summary: SearchSummary | None = None
@@ -313,7 +166,7 @@ class SearchRun:
         """Check the store and open the parent run (the same one when resuming). Synchronous:
         a tracking problem stops the search before anything trains."""
         check_tracking_uri(self.uri)
-        self.client = _client(self.uri)
+        self.client = mlflow_client(self.uri)
         self.experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
         self.state = _read_state(self.folder) if resume else {"trials": {}}
         if self.state.get("parent_run_id"):
@@ -323,13 +176,25 @@ class SearchRun:
             run = self.client.create_run(self.experiment_id, run_name=self.name, tags=tags)
             self.state["parent_run_id"] = run.info.run_id
             log_params(self.client, run.info.run_id, self.params)
-            with storage.local_copy(self.space_file) as local:
-                self.client.log_artifact(run.info.run_id, str(local), "search_space")
+            self._log_space(run.info.run_id)
         self.state["experiment_id"] = self.experiment_id
         _write_state(self.folder, self.state)
         self.parent_run_id = self.state["parent_run_id"]
         self.logger = AsyncLogger()
         log.info("MLflow: experiment '%s' at %s, parent run %s", self.experiment_name, self.uri, self.parent_run_id)
+
+    def _log_space(self, run_id: str) -> None:
+        """The search-space file; a space made in Python (no file) as the YAML it validated to."""
+        if self.space_file is not None:
+            with storage.local_copy(self.space_file) as local:
+                self.client.log_artifact(run_id, str(local), "search_space")
+            return
+        import yaml
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder, f"{self.name}.yaml")
+            path.write_text(yaml.safe_dump(self.space.model_dump(mode="json"), sort_keys=False))
+            self.client.log_artifact(run_id, str(path), "search_space")
 
     def _child(self, trial_id: str) -> str:
         run_id = self.state["trials"].get(trial_id)
@@ -421,6 +286,13 @@ def _warn_unlogged(unlogged: list[str]) -> None:
         )
 
 
+def run_status(outcome: Outcome) -> str:
+    """MLflow's run status for a trial's or a training run's outcome."""
+    if outcome in (Outcome.FAILED, Outcome.DIVERGED):
+        return "FAILED"
+    return {Outcome.RUNNING: "RUNNING", Outcome.INTERRUPTED: "KILLED"}.get(outcome, "FINISHED")
+
+
 def close_run(client, run_id: str, outcome: Outcome, error: str | None, best_checkpoint: str | None) -> None:
     """A trial's or a training run's end: its outcome (and error) as tags, its best checkpoint
     (a local path or gs://) as an artifact, and MLflow's run state."""
@@ -430,7 +302,7 @@ def close_run(client, run_id: str, outcome: Outcome, error: str | None, best_che
     if best_checkpoint is not None:  # one that cannot be read is reported as not logged
         with storage.local_copy(best_checkpoint) as local:
             client.log_artifact(run_id, str(local), "checkpoints")
-    client.set_terminated(run_id, outcome.run_status)
+    client.set_terminated(run_id, run_status(outcome))
 
 
 def _tag_list(tags: dict[str, Any]):
@@ -439,63 +311,66 @@ def _tag_list(tags: dict[str, Any]):
     return [RunTag(key, str(value)) for key, value in tags.items()]
 
 
-# --- The model registry -----------------------------------------------------------------------
+# --- The way in for a search -----------------------------------------------------------------
 
 
-def register_model(uri: str, run_id: str, checkpoint: str, cfg: Config, name: str, metrics: dict) -> str:
-    """Log the checkpoint's model as an MLflow PyTorch model in `run_id` and register it.
-    The resolved config travels on the model (``posetune_config``) and as config.yaml."""
-    import mlflow
-    import mlflow.pytorch
-
-    from posetune.train.inference import model_from_checkpoint
-
-    model, _ = model_from_checkpoint(checkpoint)
-    model.posetune_config = cfg.to_dict()
-    # Pickle, not MLflow 3's torch.export default (which needs an input example); MLflow warns
-    # that pickles run code when loaded, which is how every full PyTorch model loads.
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory() as folder:
-        config_file = Path(folder, "config.yaml")
-        config_file.write_text(cfg.to_yaml())
-        with mlflow.start_run(run_id=run_id):  # the fluent API, in this (driver) process only
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                registered_model_name=name,
-                extra_files=[str(config_file)],
-                pip_requirements=["posetune", "torch", "torchvision"],  # skip slow inference
-                serialization_format="pickle",  # the default, torch.export, needs an input example
-            )
-    version = str(info.registered_model_version)
-    client = _client(uri)
-    for key, value in metrics.items():
-        if key in REPORTED and isinstance(value, (int, float)):
-            client.set_model_version_tag(name, version, key, str(value))
-    client.update_model_version(name, version, description="posetune pose model; metrics in the version tags")
-    return version
+def space_params(space: SearchSpace) -> dict[str, Any]:
+    """The search's own settings, flattened (a search's MLflow parent-run params)."""
+    params = {f"space.{key}": describe_parameter(p) for key, p in space.parameters.items()}
+    for section in ("search", "resources"):
+        for key, value in getattr(space, section).model_dump(mode="json").items():
+            if key != "points_to_evaluate":
+                params[f"{section}.{key}"] = json.dumps(value) if isinstance(value, dict) else value
+    params["search.points_to_evaluate"] = len(space.search.points_to_evaluate)
+    params["base.config"] = space.base.config
+    return params
 
 
-def load_registered_model(model_uri: str, tracking_uri: str | None = None):
-    """(model, Config) from e.g. models:/NAME/latest."""
-    import mlflow
-    import mlflow.pytorch
+class SearchTracking(Protocol):
+    """What ``open_search_run`` returns: a listener of the search's events that, as a context
+    manager, closes what it opened. ``uri`` is None when nothing is tracked; ``unlogged`` lists
+    what MLflow did not receive, once closed."""
 
-    from posetune.config import config_from_dict
+    uri: str | None
+    unlogged: list[str]
 
-    uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    except Exception as exc:  # unknown name/version, unreachable store
-        raise PosetuneError(f"cannot load {model_uri} from {uri}: {str(exc).splitlines()[0]}") from None
-    config = getattr(model, "posetune_config", None)
-    if config is None:
-        raise PosetuneError(f"{model_uri} is not a posetune model (it carries no posetune_config)")
-    return model.eval(), config_from_dict(config)
+    def __enter__(self) -> SearchTracking: ...
+    def __exit__(self, exc_type, exc, traceback) -> None: ...
+    def on_event(self, event: SearchEvent) -> None: ...
+
+
+class NoTracking:
+    """The listener of a search with ``tracking.enabled: false``: it logs nothing."""
+
+    uri: str | None = None
+
+    def __init__(self) -> None:
+        self.unlogged: list[str] = []
+
+    def __enter__(self) -> NoTracking:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        return None
+
+    def on_event(self, event: SearchEvent) -> None:
+        return None
+
+
+def open_search_run(space: SearchSpace, space_file: str | Path | None = None) -> SearchTracking:
+    """The parent run of a search over `space`, as a context manager and a listener:
+
+        with open_search_run(space, path) as run:
+            summary = run_search(space, base, listeners=[run])
+
+    A ``SearchRun`` (its parent run is opened by the search's first event, closed by the
+    ``with``), or a ``NoTracking`` when the space sets ``tracking.enabled: false``. `space_file`
+    is logged on the parent run; without one, the validated space is logged as YAML."""
+    if not space.tracking.enabled:
+        return NoTracking()
+    file = None if space_file is None else str(space_file)
+    name, folder = space.storage.name, experiment_dir(space)
+    return SearchRun(space.tracking, name, folder, file, space_params(space), space)
 
 
 # --- One training run -------------------------------------------------------------------------
@@ -556,7 +431,7 @@ class TrainRun:
         if self.run_id is not None:
             return
         check_tracking_uri(self.uri)
-        self.client = _client(self.uri)  # opening a SQLite store creates it
+        self.client = mlflow_client(self.uri)  # opening a SQLite store creates it
         experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
         tags = {"posetune.kind": "train", "posetune.status": Outcome.RUNNING.value, **posetune_tags()}
         self.run_id = self.client.create_run(experiment_id, run_name=self.out_dir.name, tags=tags).info.run_id
@@ -579,44 +454,3 @@ def _train_outcome(exc: BaseException | None) -> Outcome:
     if isinstance(exc, TrainingDiverged):
         return Outcome.DIVERGED
     return Outcome.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else Outcome.FAILED
-
-
-# --- posetune ui ------------------------------------------------------------------------------
-
-
-def start_ui(port: int, runs: Path = PROJECT_RUNS) -> subprocess.Popen:
-    """The MLflow UI on the embedded store, bound to 127.0.0.1."""
-    uri, artifacts = embedded_store(runs)
-    Path(artifacts).mkdir(parents=True, exist_ok=True)
-    # The same interpreter's MLflow: the `mlflow` script need not be on PATH.
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--default-artifact-root",
-        artifacts,
-        "--workers",
-        "1",  # one person browsing: the default of 4 would crowd a laptop
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    return subprocess.Popen(command)
-
-
-def experiment_urls(port: int, runs: Path = PROJECT_RUNS) -> list[tuple[str, str]]:
-    """(experiment name, URL of its runs table) for every experiment in the embedded store.
-    MLflow 3 opens experiments on a GenAI overview page; the runs table is the useful view."""
-    uri, _ = embedded_store(runs)
-    if not Path(uri.removeprefix("sqlite:///")).exists():
-        return []
-    client = _client(uri)
-    return [
-        (e.name, f"http://127.0.0.1:{port}/#/experiments/{e.experiment_id}/runs")
-        for e in client.search_experiments()
-        if e.name != "Default"
-    ]
