@@ -111,3 +111,48 @@ def test_multi_node_is_judged_on_what_the_cluster_may_become():
     assert not ClusterShape(nodes(1, CPU=2)).multi_node
     assert ClusterShape(nodes(2, CPU=2)).multi_node
     assert ClusterShape(nodes(1, CPU=2), Autoscaler((NodeType("g", {"CPU": 8, "GPU": 1}, 0, 1),), 1, "test")).multi_node
+
+
+def test_node_types_in_the_search_file_override_the_cluster(tmp_path):
+    import yaml
+
+    from posetune.cluster.autoscaler import find_autoscaler
+    from posetune.search.space import load_space
+
+    from helpers import REPO
+
+    space = yaml.safe_load((REPO / "search_spaces" / "quick.yaml").read_text())
+    space["base"]["config"] = str(REPO / "configs" / "quick.yaml")
+    space["resources"] = {
+        "node_types": {"gpu_l4": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 4}},
+        "max_workers": 3,
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(space))
+    explicit = load_space(path)[0].resources.autoscaler()
+    assert explicit == Autoscaler((NodeType("gpu_l4", {"CPU": 8.0, "GPU": 1.0}, 0, 4),), 3, explicit.source)
+    assert find_autoscaler(explicit) is explicit and "resources.node_types" in explicit.source
+    head = nodes(1, CPU=2, **{HEAD_RESOURCE: 1})
+    assert plan(ClusterShape(head, explicit), cpus=6).concurrency == 3  # the cap, not the type's 4
+
+
+def test_the_bootstrap_file_ray_up_leaves_on_the_head_is_read_through_rays_prepare_config(tmp_path):
+    """cluster/gcp.yaml as `ray up` would leave it: its worker types and cap, head excluded."""
+    import shutil
+
+    import yaml
+
+    from posetune.cluster.autoscaler import from_bootstrap_file
+
+    from helpers import REPO
+
+    shutil.copy(REPO / "cluster" / "gcp.yaml", tmp_path / "ray_bootstrap_config.yaml")
+    found = from_bootstrap_file(str(tmp_path / "ray_bootstrap_config.yaml"))
+    shipped = yaml.safe_load((REPO / "cluster" / "gcp.yaml").read_text())
+    workers = {n: t for n, t in shipped["available_node_types"].items() if n != shipped["head_node_type"]}
+    assert {t.name: t.max_workers for t in found.node_types} == {n: t["max_workers"] for n, t in workers.items()}
+    assert found.max_workers == shipped["max_workers"]
+    assert from_bootstrap_file(str(tmp_path / "missing.yaml")) is None
+    (tmp_path / "broken.yaml").write_text("available_node_types: [")
+    with pytest.raises(ConfigError, match=r"broken.yaml \(the cluster file `ray up` left on the head\) cannot be read"):
+        from_bootstrap_file(str(tmp_path / "broken.yaml"))
