@@ -222,7 +222,8 @@ def _node_start_problems(name: str, node_type: dict[str, Any], config: dict[str,
     if not is_head and _scheduling(node).get("provisioningModel") == "SPOT" and not _drains_on_preemption(node):
         problems.append(
             f"{where}.node_config.metadata: a spot type without a shutdown-script that runs `ray drain-node "
-            "--reason DRAIN_NODE_REASON_PREEMPTION`: Ray Train then counts each preemption against max_failures"
+            "--node-id ... --reason DRAIN_NODE_REASON_PREEMPTION`: Ray Train then counts each preemption "
+            "against max_failures"
         )
     for disk in node.get("disks") or []:
         params = disk.get("initializeParams") or {}
@@ -239,6 +240,7 @@ def _drains_on_preemption(node: dict[str, Any]) -> bool:
     return any(
         i.get("key") == "shutdown-script"
         and "ray drain-node" in str(i.get("value"))
+        and "--node-id" in str(i.get("value"))  # without it, drain-node needs a connected Ray driver
         and "DRAIN_NODE_REASON_PREEMPTION" in str(i.get("value"))
         for i in items
     )
