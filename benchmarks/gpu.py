@@ -37,9 +37,11 @@ import torch
 from posetune.config import load_config
 from posetune.data.loader import load_split, loader_workers, make_loader
 from posetune.data.synth import generate
-from posetune.train.loop import Runtime, TrainState, autocast_dtype, train_one_epoch
+from posetune.train.loop import Step, train_one_epoch
 from posetune.train.losses import get_orientation_loss
 from posetune.train.model import create_model
+from posetune.train.resume import TrainState
+from posetune.train.runtime import Runtime, autocast_dtype
 
 RESULTS = Path(__file__).parent / "results"
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
@@ -93,9 +95,10 @@ def measure(cfg, rt: Runtime, dataset, steps: int, pipeline: bool) -> tuple[floa
         model = model.to(memory_format=torch.channels_last)
     fused = True if cfg.optimizer.fused and rt.device.type == "cuda" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused)
-    step_model = torch.compile(model) if cfg.train.compile else model
+    compiled = torch.compile(model) if cfg.train.compile else None
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     loss_fn = get_orientation_loss(cfg.loss.orientation)
+    step = Step(model, optimizer, scaler, loss_fn, rt, cfg, lambda s: 1e-4, compiled)
     batch = cfg.train.batch_size
     if pipeline:
         loader = make_loader(
@@ -113,7 +116,7 @@ def measure(cfg, rt: Runtime, dataset, steps: int, pipeline: bool) -> tuple[floa
 
     def epoch(limit: int) -> int:
         batches = Steps(loader, limit)  # drawn from the loader while training, as in fit
-        train_one_epoch(step_model, batches, optimizer, scaler, loss_fn, rt, cfg, TrainState(), lambda s: 1e-4, False)
+        train_one_epoch(step, batches, TrainState())
         return limit * batch
 
     _sync(rt)

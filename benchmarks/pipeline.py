@@ -27,9 +27,11 @@ import torch
 from posetune.config import load_config
 from posetune.data.loader import load_split, loader_workers, make_loader
 from posetune.data.synth import generate
-from posetune.train.loop import Runtime, TrainState, autocast_dtype, resolve_device, train_one_epoch
+from posetune.train.loop import Step, train_one_epoch
 from posetune.train.losses import get_orientation_loss
 from posetune.train.model import create_model
+from posetune.train.resume import TrainState
+from posetune.train.runtime import Runtime, autocast_dtype, resolve_device
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -86,19 +88,10 @@ def main() -> None:
         scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp_dtype == torch.float16)
         loss_fn = get_orientation_loss(cfg.loss.orientation)
 
+        step = Step(model, optimizer, scaler, loss_fn, runtime, cfg, lambda step: cfg.optimizer.lr)
+
         def one_epoch() -> None:
-            train_one_epoch(
-                model,
-                cached_loader,
-                optimizer,
-                scaler,
-                loss_fn,
-                runtime,
-                cfg,
-                TrainState(),
-                lambda step: cfg.optimizer.lr,
-                progress=False,
-            )
+            train_one_epoch(step, cached_loader, TrainState())
 
         one_epoch()  # warm-up: allocator, oneDNN kernels
         start = time.perf_counter()

@@ -32,9 +32,11 @@ import torch
 from posetune.config import load_config
 from posetune.data.loader import load_split, make_loader, to_model_input
 from posetune.data.synth import generate
-from posetune.train.loop import Runtime, TrainState, autocast_dtype, resolve_device, train_one_epoch
+from posetune.train.loop import Step, train_one_epoch
 from posetune.train.losses import get_orientation_loss, pose_loss
 from posetune.train.model import create_model
+from posetune.train.resume import TrainState
+from posetune.train.runtime import Runtime, autocast_dtype, resolve_device
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -110,9 +112,10 @@ def main() -> None:
         def old() -> None:
             baseline_epoch(old_model, loader, old_optimizer, loss_fn, rt, cfg)
 
-        def new(data=loader, model=new_model, optimizer=new_optimizer) -> None:
-            state = TrainState()
-            train_one_epoch(model, data, optimizer, scaler, loss_fn, rt, cfg, state, lambda s: cfg.optimizer.lr, False)
+        new_step = Step(new_model, new_optimizer, scaler, loss_fn, rt, cfg, lambda s: cfg.optimizer.lr)
+
+        def new(data=loader) -> None:
+            train_one_epoch(new_step, data, TrainState())
 
         old(), new()  # warm-up: allocator, oneDNN kernels
         rounds = []

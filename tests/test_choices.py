@@ -2,10 +2,10 @@
 
 from posetune import choices
 from posetune.search.searchers import SAMPLERS, SCHEDULERS, list_samplers
-from posetune.train.loop import SCHEDULES, list_schedules
 from posetune.train.losses import ORIENTATION_LOSSES, list_orientation_losses
 from posetune.train.metrics import pose_metrics
 from posetune.train.model import BACKBONES, list_backbones
+from posetune.train.schedule import SCHEDULES, list_schedules
 
 
 def test_choices_match_the_registries():

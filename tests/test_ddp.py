@@ -100,7 +100,7 @@ def test_sync_batchnorm_two_ranks_equal_one_process_on_the_combined_batch():
 
 
 def _evaluate_rank(rank: int, port: int, root: str, out: dict) -> None:
-    from posetune.train.loop import Runtime
+    from posetune.train.runtime import Runtime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -124,7 +124,7 @@ def evaluate_once(root: str, runtime) -> dict[str, float]:
 
 @pytest.mark.timeout(300)
 def test_gathered_validation_metrics_equal_one_process(synth_small):
-    from posetune.train.loop import Runtime
+    from posetune.train.runtime import Runtime
 
     single = evaluate_once(str(synth_small), Runtime(torch.device("cpu")))
     with mp.Manager() as manager:
@@ -138,8 +138,9 @@ def test_gathered_validation_metrics_equal_one_process(synth_small):
 
 def _group_rank(rank: int, port: int, out: dict) -> None:
     """Two micro-batches of one accumulation group on each rank, with and without saving the
-    group's gradients (train._group_gradients) after the first."""
-    from posetune.train.loop import Runtime, _group_gradients
+    group's gradients (train.resume._group_gradients) after the first."""
+    from posetune.train.resume import _group_gradients
+    from posetune.train.runtime import Runtime
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

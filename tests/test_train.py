@@ -8,18 +8,13 @@ from posetune.config import ModelConfig, OptimizerConfig, load_config
 from posetune.data.loader import load_split, make_loader
 from posetune.errors import CheckpointError, ConfigError, DataError
 from posetune.train.checkpoint import load_checkpoint, save_checkpoint
-from posetune.train.loop import (
-    DIVERGENCE_CHECK_STEPS,
-    Runtime,
-    TrainingDiverged,
-    TrainState,
-    fit,
-    lr_at,
-    train_one_epoch,
-)
+from posetune.train.loop import DIVERGENCE_CHECK_STEPS, Step, TrainingDiverged, fit, train_one_epoch
 from posetune.train.losses import get_orientation_loss
 from posetune.train.metrics import METRIC_NAMES, pose_metrics
 from posetune.train.model import PoseNet
+from posetune.train.resume import TrainState
+from posetune.train.runtime import Runtime
+from posetune.train.schedule import lr_at
 
 TINY = [
     "model.backbone=mobilenet_v3_small",
@@ -178,18 +173,10 @@ def test_gradient_accumulation_equals_one_big_batch(synth_small):
         run_cfg.train.accumulation_steps = accumulate
         loader = make_loader(dataset, batch, shuffle=False, seed=0)
         state = TrainState()
-        train_one_epoch(
-            model,
-            loader,
-            optimizer,
-            torch.amp.GradScaler("cpu", enabled=False),
-            get_orientation_loss("sign_invariant"),
-            Runtime(torch.device("cpu")),
-            run_cfg,
-            state,
-            lambda step: 0.5,
-            progress=False,
-        )
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss_fn = get_orientation_loss("sign_invariant")
+        step = Step(model, optimizer, scaler, loss_fn, Runtime(torch.device("cpu")), run_cfg, lambda step: 0.5)
+        train_one_epoch(step, loader, state)
         assert state.step == 1 and state.samples_seen == 8
         models.append(model)
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):

@@ -13,8 +13,9 @@ from posetune.data.cache import decode_image
 from posetune.data.loader import load_split
 from posetune.errors import CheckpointError, DataError, StorageError
 from posetune.train.checkpoint import load_checkpoint
-from posetune.train.loop import Runtime, autocast_dtype, evaluate, resolve_device
+from posetune.train.loop import evaluate
 from posetune.train.model import PoseNet, create_model
+from posetune.train.runtime import Runtime, autocast_dtype, resolve_device
 
 
 def model_from_checkpoint(uri: str | Path, sha256: str | None = None) -> tuple[PoseNet, Config]:
