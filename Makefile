@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo train-demo test lint format bench clean
+.PHONY: demo train-demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ train-demo: $(STAMP)
 	$(BIN)/posetune train --config configs/quick.yaml dataset.root=data/quick system.out_dir=runs/quick-$$(date +%Y%m%d-%H%M%S)
 	$(BIN)/posetune evaluate --checkpoint $$(ls -td runs/quick-*/ | head -1)checkpoints/best.pt
 
+# Everything, Ray, servers and slow tests included (what CI runs); the 25 slowest listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+# What a newcomer runs first (about a minute): no test that starts Ray or a server, or is slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray and not server and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

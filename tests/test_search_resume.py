@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -32,6 +33,12 @@ def start_search(log_dir, *args: str) -> subprocess.Popen:
     with open(log_dir / "stdout.txt", "w") as stdout, open(log_dir / "stderr.txt", "w") as stderr:
         command = [sys.executable, "-m", "posetune", "search", *args]
         return subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr)
+
+
+def posetune_search(*args: str) -> subprocess.CompletedProcess:
+    """`posetune search ARGS` run to its end (the refused ones end before starting Ray)."""
+    command = [sys.executable, "-m", "posetune", "search", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_sigkill_then_resume_skips_finished_trials(synth_small, tmp_path):
@@ -101,7 +108,12 @@ def test_sigkill_then_resume_skips_finished_trials(synth_small, tmp_path):
     assert continued.data.tags["posetune.status"] == "completed" and parent.info.status == "FINISHED"
 
 
-def test_ctrl_c_prints_how_to_resume(synth_small, tmp_path):
+@pytest.fixture(scope="module")
+def interrupted(synth_small, tmp_path_factory):
+    """A search stopped by Ctrl-C after its first result: what the driver printed, and its
+    folder, which the refusal tests below must leave as it is."""
+    assert not ray_processes(), "a Ray instance is already running; these tests start their own"
+    tmp_path = tmp_path_factory.mktemp("interrupted")
     space = tiny_space(
         tmp_path,
         synth_small,
@@ -115,19 +127,47 @@ def test_ctrl_c_prints_how_to_resume(synth_small, tmp_path):
     finally:
         driver.send_signal(signal.SIGINT)
         driver.wait(timeout=180)
+    wait_for(lambda: not ray_processes(), 60, "Ray processes to exit after Ctrl-C")
     err = (tmp_path / "stderr.txt").read_text()
-    assert driver.returncode == 130, err[-3000:]
-    assert f"posetune search {space} --resume --name c" in err
-    assert "Traceback" not in err
+    return SimpleNamespace(space=space, folder=tmp_path / "runs" / "c", returncode=driver.returncode, err=err)
 
 
-def test_resume_without_a_search_and_restart_over_an_existing_one(synth_small, tmp_path):
+def test_ctrl_c_prints_how_to_resume(interrupted):
+    assert interrupted.returncode == 130, interrupted.err[-3000:]
+    assert f"posetune search {interrupted.space} --resume --name c" in interrupted.err
+    assert "Traceback" not in interrupted.err
+
+
+def test_resume_without_a_search_is_refused(synth_small, tmp_path):
     space = tiny_space(tmp_path, synth_small, name="r")
-    missing = subprocess.run(
-        [sys.executable, "-m", "posetune", "search", str(space), "--resume"], cwd=REPO, capture_output=True, text=True
-    )
-    assert missing.returncode == 2 and "no search to resume" in missing.stderr
-    assert not ray_processes()
+    missing = posetune_search(str(space), "--resume")
+    assert missing.returncode == 2 and "no search to resume" in missing.stderr, missing.stderr[-3000:]
+    assert not (tmp_path / "runs").exists() and not ray_processes()
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_a_new_search_over_an_existing_one_is_refused(interrupted):
+    before = snapshot(interrupted.folder)
+    again = posetune_search(str(interrupted.space), "--name", "c")
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert f"{interrupted.folder} already holds a search; continue it with --resume" in again.stderr
+    assert snapshot(interrupted.folder) == before and not ray_processes()
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["search.num_samples=3", "optimizer.weight_decay=0.01"],
+    ids=["search-space", "base-config"],
+)
+def test_resume_with_a_changed_space_or_base_config_is_refused(interrupted, change):
+    before = snapshot(interrupted.folder)
+    resumed = posetune_search(str(interrupted.space), "--resume", "--name", "c", change)
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    assert f"the search space or base config changed since {interrupted.folder} was started" in resumed.stderr
+    assert snapshot(interrupted.folder) == before and not ray_processes()
 
 
 def test_no_ray_process_is_left_running():
