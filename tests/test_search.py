@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,16 +27,32 @@ from helpers import read_results, tiny_space, wait_for
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
-def test_connects_to_the_running_cluster(ray_cluster):
-    from ray._private.services import find_gcs_addresses  # private API posetune relies on
+def test_a_cluster_running_on_this_node_is_found_and_used(ray_cluster):
+    """posetune looks for a local cluster through Ray's private GCS address lookup, and joins a
+    running one instead of starting its own."""
+    from posetune import internals
+    from posetune.cluster.placement import connect_ray
 
-    assert find_gcs_addresses()
+    assert internals.local_cluster_running()
+    assert connect_ray(2) is False  # it did not start Ray: the fixture's instance is used
     assert ray_cluster.cluster_resources()["CPU"] == 2
 
 
-def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys, caplog):
-    """Also equal compute: batch sizes 16 and 32 on 96-frame epochs are evaluated, and judged
-    by ASHA, at the same sample counts (64, 128, 192, 256: mid-epoch), rungs at 64 and 128."""
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def search(ray_cluster, synth_small, tmp_path_factory):
+    """One search of 4 trials that the tests below each check a part of. Batch sizes 16 and 32
+    on 96-frame epochs, evaluated and judged by ASHA at the same sample counts (64, 128, 192,
+    256: mid-epoch), rungs at 64 and 128."""
+    tmp_path = tmp_path_factory.mktemp("search")
     path = tiny_space(
         tmp_path,
         synth_small,
@@ -49,69 +66,101 @@ def test_search_end_to_end(ray_cluster, synth_small, tmp_path, capsys, caplog):
         **{"parameters__train.batch_size": {"distribution": "choice", "values": [16, 32]}},
     )
     space, base = load_space(path)
-    with caplog.at_level(logging.INFO, logger="posetune"):
+    logger, progress = logging.getLogger("posetune"), _Lines()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(progress)
+    try:
         summary = run_search(space, base)
-    lines = [record.getMessage() for record in caplog.records]  # progress goes through logging
-
+    finally:
+        logger.removeHandler(progress)
+        logger.setLevel(level)
     records = read_results(tmp_path)
-    assert len(records) == 4 and not summary.interrupted
-    statuses = [r["status"] for r in records]
-    assert set(statuses) <= {"completed", "stopped_early"}
-    assert statuses.count("stopped_early") >= 1 and statuses.count("completed") >= 1
-    for r in records:  # every trial's metrics reached Tune
+    return SimpleNamespace(
+        tmp_path=tmp_path,
+        folder=tmp_path / "runs" / "t",
+        summary=summary,
+        records=records,
+        statuses=[r["status"] for r in records],
+        progress=progress.lines,
+        scratch_left=list(Path(tempfile.gettempdir()).glob("posetune-trial-*")),
+    )
+
+
+def test_every_trial_completes_or_is_stopped_early_with_its_metrics(search):
+    assert len(search.records) == 4 and not search.summary.interrupted
+    assert set(search.statuses) <= {"completed", "stopped_early"}
+    assert search.statuses.count("stopped_early") >= 1 and search.statuses.count("completed") >= 1
+    for r in search.records:  # every trial's metrics reached Tune
         assert r["samples_seen"] >= 64 and "pose_error" in r["metrics"] and "orientation_error_deg" in r["metrics"]
         assert (r["status"] == "completed") == (r["samples_seen"] == 256)
-    assert {r["params"]["train.batch_size"] for r in records} == {16, 32}
-    # Equal compute: every trial reported at the shared milestones, whatever its batch size,
-    # and those ASHA stopped were stopped at a rung.
-    for trial_dir in (tmp_path / "runs" / "t" / "tune").glob("trial-*"):
+    assert {r["params"]["train.batch_size"] for r in search.records} == {16, 32}
+
+
+def test_every_batch_size_reports_at_the_same_milestones_and_is_stopped_at_a_rung(search):
+    """Equal compute: every trial reported at the shared milestones, whatever its batch size,
+    and those ASHA stopped were stopped at a rung."""
+    for trial_dir in (search.folder / "tune").glob("trial-*"):
         seen = [json.loads(line)["samples_seen"] for line in (trial_dir / "result.json").read_text().splitlines()]
         assert seen == [64, 128, 192, 256][: len(seen)], (trial_dir.name, seen)
-    assert {r["samples_seen"] for r in records if r["status"] == "stopped_early"} <= {64, 128}
-    assert any("stopped early" in line for line in lines) and any("best " in line for line in lines)
+    assert {r["samples_seen"] for r in search.records if r["status"] == "stopped_early"} <= {64, 128}
 
-    # What the trials' workers held: 0.95 CPU each while they ran, one at a time, so never more
-    # than the search's wall time; the cost is those hours at resources.prices.
-    cpu_hours = [r["resource_hours"]["CPU"] for r in records]
+
+def test_progress_goes_through_logging(search):
+    assert any("stopped early" in line for line in search.progress)
+    assert any("best " in line for line in search.progress)
+
+
+def test_cost_is_the_cpu_hours_trial_workers_held_at_the_price(search):
+    """0.95 CPU each while they ran, one at a time, so never more than the search's wall time;
+    the cost is those hours at resources.prices."""
+    summary = search.summary
+    cpu_hours = [r["resource_hours"]["CPU"] for r in search.records]
     assert all(h > 0 for h in cpu_hours) and "GPU" not in summary.compute.resource_hours
     assert summary.compute.resource_hours["CPU"] == pytest.approx(sum(cpu_hours))
     assert sum(cpu_hours) < 0.95 * summary.seconds / 3600
     assert summary.compute.cost == pytest.approx(0.05 * sum(cpu_hours))
-    assert json.loads((tmp_path / "runs" / "t" / "results.json").read_text())["compute"]["cost"] == summary.compute.cost
+    assert json.loads((search.folder / "results.json").read_text())["compute"]["cost"] == summary.compute.cost
+    assert "CPU-hours held by trial workers; cost" in (search.folder / "summary.txt").read_text()
 
-    # ASHA-stopped trials were told to Optuna as PRUNED, the others as COMPLETE.
-    state_file = next((tmp_path / "runs" / "t" / "tune").glob("searcher-state-*.pkl"))
+
+def test_optuna_is_told_stopped_trials_as_pruned_at_the_step_they_stopped(search):
+    state_file = next((search.folder / "tune").glob("searcher-state-*.pkl"))
     study = pickle.loads(state_file.read_bytes())["_ot_study"]
     told = sorted(t.state.name for t in study.trials)
-    assert told.count("PRUNED") == statuses.count("stopped_early")
-    assert told.count("COMPLETE") == statuses.count("completed")
+    assert told.count("PRUNED") == search.statuses.count("stopped_early")
+    assert told.count("COMPLETE") == search.statuses.count("completed")
     # Each pruned trial's intermediate values run up to where ASHA stopped it (step = samples).
-    stopped_at = sorted(r["samples_seen"] for r in records if r["status"] == "stopped_early")
+    stopped_at = sorted(r["samples_seen"] for r in search.records if r["status"] == "stopped_early")
     assert sorted(t.last_step for t in study.trials if t.state.name == "PRUNED") == stopped_at
 
-    # Every trial's scratch folder is gone, those of workers ASHA killed included.
-    assert not list(Path(tempfile.gettempdir()).glob("posetune-trial-*"))
 
-    # Exports: the best config trains, the best checkpoint evaluates.
-    folder = tmp_path / "runs" / "t"
+def test_no_trial_scratch_folder_is_left(search):
+    """Those of workers ASHA killed included."""
+    assert search.scratch_left == []
+
+
+def test_the_best_config_trains_and_the_best_checkpoint_evaluates(search, tmp_path):
+    folder, summary = search.folder, search.summary
     assert summary.best_config_file == str(folder / "best_config.yaml") and (folder / "best" / "model.pt").exists()
     assert (folder / "summary.txt").read_text().startswith("4 trials in")
-    assert "CPU-hours held by trial workers; cost" in (folder / "summary.txt").read_text()
     out_dir = f"system.out_dir={tmp_path / 'retrain'}"
-    retrain = ["train", "--config", summary.best_config_file, "train.epochs=1", out_dir]
-    assert cli.main(retrain) == 0
+    assert cli.main(["train", "--config", summary.best_config_file, "train.epochs=1", out_dir]) == 0
     assert (tmp_path / "retrain" / "checkpoints" / "best.pt").exists()
     assert cli.main(["evaluate", "--checkpoint", str(folder / "best" / "model.pt")]) == 0
 
+
+def test_results_prints_the_trials_as_json_or_a_table_and_refuses_an_unknown_name(search, capsys):
+    runs = f"storage.path={search.tmp_path / 'runs'}"
     capsys.readouterr()
-    assert cli.main(["results", "t", "--json", f"storage.path={tmp_path / 'runs'}"]) == 0
+    assert cli.main(["results", "t", "--json", runs]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [t["id"] for t in printed["trials"]] == [r["id"] for r in records]
+    assert [t["id"] for t in printed["trials"]] == [r["id"] for r in search.records]
     assert set(printed["trials"][0]) >= {"id", "params", "status", "metrics", "samples_seen"}
-    assert cli.main(["results", "t", f"storage.path={tmp_path / 'runs'}"]) == 0
+    assert cli.main(["results", "t", runs]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split()[:4] == ["trial", "status", "samples", "pose_error"]
-    assert cli.main(["results", "nope", f"storage.path={tmp_path / 'runs'}"]) == 2
+    assert cli.main(["results", "nope", runs]) == 2
 
 
 def test_two_worker_trial_trains_with_ddp(ray_cluster, synth_small, tmp_path):
@@ -281,8 +330,6 @@ def test_a_train_run_restored_at_its_final_checkpoint_says_again_how_it_ended(ra
 def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path):
     """Tune may restart a trial whose end it had not saved: the trial re-reports its recorded
     end (trial.run_trial), and no listener hears of it, so its record and MLflow run stay final."""
-    from types import SimpleNamespace
-
     from posetune.cluster.placement import ClusterShape, Node
     from posetune.cluster.placement import plan_resources as plan_for_nodes
     from posetune.search.results import SearchResults, TrialEnded, TrialStarted
