@@ -177,6 +177,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print()
     print("\n".join(summary_lines(summary)))
+    if run.recreated:
+        print(f"MLflow: {run.uri} had lost this search's runs; re-created from the experiment folder: ", end="")
+        print(", ".join(run.recreated))
     if run.uri and not run.unlogged:
         print(f"MLflow: everything was logged to {run.uri} (`posetune ui` to browse an embedded store)")
     if summary.interrupted:

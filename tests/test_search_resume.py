@@ -138,11 +138,21 @@ def test_ctrl_c_prints_how_to_resume(interrupted):
     assert "Traceback" not in interrupted.err
 
 
-def test_resume_without_a_search_is_refused(synth_small, tmp_path):
-    space = tiny_space(tmp_path, synth_small, name="r")
-    missing = posetune_search(str(space), "--resume")
-    assert missing.returncode == 2 and "no search to resume" in missing.stderr, missing.stderr[-3000:]
-    assert not (tmp_path / "runs").exists() and not ray_processes()
+def test_resume_without_a_search_starts_it(synth_small, tmp_path):
+    """A retried job (a RayJob retry, a re-applied job) runs `posetune search FILE --resume`
+    before any search exists: it starts the search instead of failing."""
+    space = tiny_space(
+        tmp_path,
+        synth_small,
+        name="r",
+        search__num_samples=1,
+        search__points_to_evaluate=[],
+        search__asha={"max_samples": 96, "grace_samples": 96, "reduction_factor": 2},
+    )
+    started = posetune_search(str(space), "--resume")
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert "no search to resume at" in started.stderr and "starting it" in started.stderr
+    assert [r["status"] for r in read_results(tmp_path, "r")] == ["completed"]
 
 
 def snapshot(folder) -> dict:
@@ -297,13 +307,7 @@ def test_a_search_started_with_the_flat_layout_resumes(synth_small, tmp_path):
     assert b"posetune.searchers" in pickled and b"posetune.search.searchers" not in pickled
     wait_for(lambda: not ray_processes(), 60, "Ray processes to exit")
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "posetune", "search", str(space), "--resume"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = posetune_search(str(space), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["status"] for r in read_results(tmp_path, "f")] == ["completed", "completed"]
     assert "Traceback" not in resumed.stderr

@@ -204,6 +204,13 @@ def driver_request(cluster: ClusterShape) -> dict[str, float]:
     return {HEAD_RESOURCE: DRIVER_SHARE}
 
 
+def describe_driver(request: dict[str, float]) -> str:
+    """Where a trial driver with this request runs, in words."""
+    if DRIVER_RESOURCE in request:
+        return f"on nodes with the {DRIVER_RESOURCE} resource (the head and non-preemptible nodes)"
+    return "on the head node"
+
+
 def _format(resources: dict[str, float]) -> str:
     shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or not k.startswith("node:")}
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items()) if not math.isclose(v, 0)) + "}"
@@ -268,6 +275,28 @@ def check_storage_reachable(folder: str, setting: str, shared: bool, cluster: Cl
         "use a bucket (storage.path=gs://BUCKET/searches) or a filesystem every node mounts "
         "(then set storage.shared=true)"
     )
+
+
+def cluster_reachable() -> bool:
+    """Whether a Ray cluster is there to join: RAY_ADDRESS, or one running on this node."""
+    return bool(os.environ.get("RAY_ADDRESS")) or internals.local_cluster_running()
+
+
+def check_inputs_reachable(paths: dict[str, str | None], shared: bool, cluster: ClusterShape) -> None:
+    """On more than one node a trial's workers read these inputs (config key -> value) on any
+    node: a local path must lie on a filesystem every node mounts (``shared``: the user says so).
+    Checked before any trial starts, so a search never fails on its first remote worker.
+    ``dataset.cache_dir`` is not among them: each node keeps its own cache there."""
+    if not cluster.multi_node or shared:
+        return
+    local = {k: v for k, v in paths.items() if v and storage.is_local(v) and not on_shared_filesystem(v)}
+    if local:
+        named = ", ".join(f"{key} = {value!r}" for key, value in local.items())
+        raise ConfigError(
+            f"{named}: a local path, but this cluster has more than one node ({cluster.describe()}) "
+            "and workers on other nodes cannot read it: put it in a bucket (gs://BUCKET/...) or on a "
+            "filesystem every node mounts (then set storage.shared=true)"
+        )
 
 
 def connect_ray(num_cpus: int | None = None) -> bool:

@@ -33,7 +33,6 @@ try:  # ISA-L deflate: ~7x faster than zlib at level 1 on these frames
 except ImportError:  # pragma: no cover - isal is a dependency, but keep the generator working
     _deflate = zlib
 
-from posetune.errors import DataError
 from posetune.data.geometry import (
     project_unity,
     quat_conjugate,
@@ -42,6 +41,7 @@ from posetune.data.geometry import (
     quat_multiply,
     quat_to_matrix,
 )
+from posetune.errors import DataError
 
 # --- The tutorial scene (Unity world frame: metres, +y up, +z forward) -----------------------
 IMAGE_WIDTH, IMAGE_HEIGHT = 650, 400

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -240,7 +239,13 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
     if r.prices:
         lines.append("prices per resource-hour: " + ", ".join(f"{k} {v:g}" for k, v in sorted(r.prices.items())))
     if plan:
-        lines.append(f"cluster: {plan.cluster} -> {plan.concurrency} concurrent trial(s)")
+        lines.append(f"cluster: {plan.cluster}")
+        lines.append(
+            f"trials at once: {plan.fit_now} on the nodes up now, {plan.concurrency} once scaled"
+            if plan.fit_now < plan.concurrency
+            else f"trials at once: {plan.concurrency}"
+        )
+        lines.append(f"trial drivers: {placement.describe_driver(plan.driver)}")
         lines += [f"  note: {note}" for note in plan.notes]
     lines.append(f"experiment folder: {experiment_dir(space)}")
     return lines
@@ -248,14 +253,20 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
 
 def plan_search(space: SearchSpace, base: Config) -> list[str]:
     """What `posetune search --dry-run` prints: the resolved space, the trial count and the
-    resource plan on this machine's Ray resources. Starts nothing: with RAY_ADDRESS set the
-    cluster decides the concurrency when the search starts."""
-    remote = bool(os.environ.get("RAY_ADDRESS"))
-    plan = None if remote else plan_resources(space, placement.local_shape())
-    lines = describe_plan(space, base, plan)
-    if plan is None:
-        lines.append("concurrency: decided from the cluster at RAY_ADDRESS when the search starts")
-    return lines
+    resource plan. On a reachable cluster (RAY_ADDRESS, or one on this node such as a `ray up`
+    head) the plan is the one the search would use there, node types the autoscaler may start
+    included; otherwise it is for this machine, and says so. Starts no Ray instance and no trial."""
+    if not placement.cluster_reachable():
+        lines = describe_plan(space, base, plan_resources(space, placement.local_shape()))
+        return [*lines, "no Ray cluster is reachable (RAY_ADDRESS, or one on this node): the plan is for this machine"]
+    placement.connect_ray()
+    try:
+        cluster = placement.cluster_shape(space.resources.autoscaler())
+        return describe_plan(space, base, plan_resources(space, cluster))
+    finally:
+        import ray
+
+        ray.shutdown()
 
 
 def run_search(
@@ -277,13 +288,15 @@ def run_search(
     folder = experiment_dir(space)
     base = absolute_paths(base)
     fingerprint = _fingerprint(space, base)
-    _check_experiment_folder(folder, space, fingerprint, resume)
+    resume = _check_experiment_folder(folder, space, fingerprint, resume)
     train_size = ensure_dataset(space, base)
 
     started_ray = placement.connect_ray(space.resources.local_cpus)
     try:
         cluster = placement.cluster_shape(space.resources.autoscaler())
         placement.check_storage_reachable(folder, space.storage.path, space.storage.shared, cluster)
+        inputs = {"dataset.root": base.dataset.root, "model.pretrained_weights": base.model.pretrained_weights}
+        placement.check_inputs_reachable(inputs, space.storage.shared, cluster)
         plan = plan_resources(space, cluster)
         for line in describe_plan(space, base, plan):
             log.info(line)
@@ -355,15 +368,18 @@ def _tuner(
     )
 
 
-def _check_experiment_folder(folder: str, space: SearchSpace, fingerprint: str, resume: bool) -> None:
-    """Refuse a new search over an existing one, or a resume of a missing or different one."""
+def _check_experiment_folder(folder: str, space: SearchSpace, fingerprint: str, resume: bool) -> bool:
+    """Whether the search resumes one saved in the folder. A new search over an existing one,
+    or a resume of a different one, is refused; ``--resume`` with no search there yet starts it,
+    so a retried job (a RayJob retry, a re-applied job) continues instead of failing."""
     storage_path, filesystem = storage.ray_storage(folder)
     tune_folder = f"{storage_path}/{TUNE_FOLDER}"
     exists = storage.exists(storage.join(folder, TUNE_FOLDER)) and tune.Tuner.can_restore(
         tune_folder, storage_filesystem=filesystem
     )
     if resume and not exists:
-        raise PosetuneError(f"no search to resume at {folder} (storage.path / storage.name or --name)")
+        log.info("no search to resume at %s yet: starting it", folder)
+        return False
     if not resume and exists:
         raise PosetuneError(f"{folder} already holds a search; continue it with --resume, or pick another --name")
     about = storage.join(folder, "search.json")
@@ -372,6 +388,7 @@ def _check_experiment_folder(folder: str, space: SearchSpace, fingerprint: str, 
             f"the search space or base config changed since {folder} was started; "
             "resume with the same file and overrides, or start a new search with --name"
         )
+    return resume
 
 
 def _finish(

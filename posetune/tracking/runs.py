@@ -36,7 +36,7 @@ from posetune.search.events import (
     TrialReported,
     TrialStarted,
 )
-from posetune.search.results import SearchSummary, experiment_dir
+from posetune.search.results import SearchSummary, TrialRecord, experiment_dir
 from posetune.search.space import SearchSpace, describe_parameter
 from posetune.tracking.registry import register_model
 from posetune.tracking.store import (
@@ -123,6 +123,7 @@ class SearchRun:
         self.space = space
         self.parent_run_id: str | None = None
         self.unlogged: list[str] = []  # what MLflow did not receive, once closed
+        self.recreated: list[str] = []  # runs re-created because the store had lost them (a resume)
         self._summary: SearchSummary | None = None
 
     def __enter__(self) -> SearchRun:
@@ -154,7 +155,7 @@ class SearchRun:
                 lambda: self.client.log_batch(self._child(event.trial_id), metrics=batch),
             )
         elif isinstance(event, TrialEnded):
-            best = storage.join(event.checkpoint, "best.pt") if self.log_checkpoints and event.checkpoint else None
+            best = self._best_checkpoint(event.checkpoint)
             self.logger.submit(
                 f"final status ({event.outcome.value}) and best checkpoint of trial {event.trial_id}",
                 lambda: close_run(self.client, self._child(event.trial_id), event.outcome, event.error, best),
@@ -169,6 +170,15 @@ class SearchRun:
         self.client = mlflow_client(self.uri)
         self.experiment_id = experiment_id_for(self.client, self.experiment_name, self.uri)
         self.state = _read_state(self.folder) if resume else {"trials": {}}
+        lost = self.state.get("parent_run_id") and not self._exists(self.state["parent_run_id"])
+        if lost:  # e.g. the head and its MLflow store are gone; the experiment is in the bucket
+            log.warning(
+                "MLflow: %s has no run %s, this search's parent run (the store was lost or replaced): "
+                "logging to a new parent run, with a child run for every trial again",
+                self.uri,
+                self.state["parent_run_id"],
+            )
+            self.state = {"trials": {}}
         if self.state.get("parent_run_id"):
             self.client.update_run(self.state["parent_run_id"], status="RUNNING")
         else:
@@ -180,6 +190,8 @@ class SearchRun:
         self.state["experiment_id"] = self.experiment_id
         _write_state(self.folder, self.state)
         self.parent_run_id = self.state["parent_run_id"]
+        if lost:
+            self.recreated.append(f"parent run {self.parent_run_id}")
         self.logger = AsyncLogger()
         log.info("MLflow: experiment '%s' at %s, parent run %s", self.experiment_name, self.uri, self.parent_run_id)
 
@@ -195,6 +207,40 @@ class SearchRun:
             path = Path(folder, f"{self.name}.yaml")
             path.write_text(yaml.safe_dump(self.space.model_dump(mode="json"), sort_keys=False))
             self.client.log_artifact(run_id, str(path), "search_space")
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
+    def _recreate_ended_trials(self, summary: SearchSummary) -> None:
+        """Child runs for the trials that had ended before a resume whose store had lost them:
+        they send no events, so their runs are made again from results.json (params, the
+        metrics at their best and last evaluations, status, best checkpoint)."""
+        for record in summary.records:
+            if record.id not in self.state["trials"] and record.status != Outcome.RUNNING:
+                self.recreated.append(f"trial {record.id}")
+                self.logger.submit(f"re-creating the run of trial {record.id}", lambda r=record: self._recreate(r))
+
+    def _recreate(self, record: TrialRecord) -> None:
+        self._ensure_child(record.id, record.params)
+        run_id = self._child(record.id)
+        best_step = int(record.best_metrics.get("samples_seen", record.samples_seen))
+        batch = _metrics_batch(record.metrics, record.samples_seen)
+        if best_step != record.samples_seen:
+            batch += _metrics_batch(record.best_metrics, best_step)
+        self.client.log_batch(run_id, metrics=batch)
+        close_run(self.client, run_id, record.status, record.error, self._best_checkpoint(record.checkpoint))
+
+    def _best_checkpoint(self, checkpoint: str | None) -> str | None:
+        """A trial's best.pt to log as an artifact, or None (none, or not asked for)."""
+        return storage.join(checkpoint, "best.pt") if self.log_checkpoints and checkpoint else None
 
     def _child(self, trial_id: str) -> str:
         run_id = self.state["trials"].get(trial_id)
@@ -230,6 +276,8 @@ class SearchRun:
     def _log_outcome(self, summary: SearchSummary, study) -> None:
         """The search's best metrics, counts, results files, plots and best model, on the parent run."""
         self._summary = summary
+        if self.recreated:
+            self._recreate_ended_trials(summary)
         client, parent, best = self.client, self.parent_run_id, summary.best
         counts = {
             f"posetune.trials_{outcome.value}": n for outcome, n in summary.counts.items() if outcome.value != "running"
@@ -329,10 +377,12 @@ def space_params(space: SearchSpace) -> dict[str, Any]:
 class SearchTracking(Protocol):
     """What ``open_search_run`` returns: a listener of the search's events that, as a context
     manager, closes what it opened. ``uri`` is None when nothing is tracked; ``unlogged`` lists
-    what MLflow did not receive, once closed."""
+    what MLflow did not receive, once closed; ``recreated`` the runs made again because the
+    store had lost them (a resume after the head and its store were gone)."""
 
     uri: str | None
     unlogged: list[str]
+    recreated: list[str]
 
     def __enter__(self) -> SearchTracking: ...
     def __exit__(self, exc_type, exc, traceback) -> None: ...
@@ -346,6 +396,7 @@ class NoTracking:
 
     def __init__(self) -> None:
         self.unlogged: list[str] = []
+        self.recreated: list[str] = []
 
     def __enter__(self) -> NoTracking:
         return self
