@@ -196,7 +196,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "optimizer.warmup_epochs  uniform [0, 2]  when optimizer.schedule=cosine" in proc.stdout
-    assert "trials: 4 (tpe searcher" in proc.stdout and "concurrent trial(s)" in proc.stdout
+    assert "trials: 4 (tpe searcher" in proc.stdout and "trials at once: " in proc.stdout
     assert set(tmp_path.rglob("*")) == before
 
 
