@@ -60,6 +60,16 @@ def test_local_storage_is_refused_on_two_nodes(two_nodes, synth_small, tmp_path)
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
+def test_local_storage_on_two_nodes_is_accepted_when_marked_shared(two_nodes, tmp_path):
+    """storage.shared: true says every node mounts the folder (the README's exception)."""
+    from posetune.cluster.placement import check_storage_reachable, cluster_shape
+
+    folder = str(tmp_path / "runs")
+    check_storage_reachable(folder, folder, True, cluster_shape())
+    with pytest.raises(ConfigError, match=r"then set storage\.shared=true"):
+        check_storage_reachable(folder, folder, False, cluster_shape())
+
+
 def test_search_in_a_bucket_across_two_nodes(two_nodes, gcs, bucket, synth_small, tmp_path, capsys):
     from mlflow import MlflowClient
     from ray.util.state import list_actors
