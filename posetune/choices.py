@@ -1,7 +1,7 @@
 """Every name a user can choose in a config or search file, importable without torch.
 
-The registries that build these (``posetune.train.model.BACKBONES``, ``posetune.losses.
-ORIENTATION_LOSSES``, ``posetune.train.loop.SCHEDULES``) are keyed by exactly these names (a test
+The registries that build these (``posetune.train.model.BACKBONES``, ``posetune.train.losses.
+ORIENTATION_LOSSES``, ``posetune.train.schedule.SCHEDULES``) are keyed by exactly these names (a test
 keeps them equal), so a config or search file is checked, name by name, when it is read:
 before torch loads, before data is read, before a Ray trial starts.
 """

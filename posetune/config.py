@@ -161,7 +161,7 @@ class OptimizerConfig(Section):
     beta_1: float = Field(0.9, ge=0, lt=1)
     beta_2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: str = "constant"  # any name from `posetune.train.loop.list_schedules()`
+    schedule: str = "constant"  # any name from `posetune.train.schedule.list_schedules()`
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # floor of decaying schedules, as a share of lr
     grad_clip_norm: float | None = Field(None, gt=0)  # clip the global gradient norm; None = off

@@ -9,6 +9,7 @@ bit-identical to one that was never interrupted, from an epoch's end or from ins
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ from posetune.config import Config
 from posetune.errors import ConfigError
 from posetune.train.checkpoint import load_checkpoint
 from posetune.train.runtime import Runtime, unwrap
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,9 +99,12 @@ def resume(
 
 
 def _rng_state() -> dict[str, Any]:
+    """This process's RNG state. CUDA's is its own device's only (``cuda_device``): Ray Train gives
+    co-located workers all of a node's GPUs, so a list of every visible GPU's state would not fit
+    a restart on another GPU layout."""
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda_device": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "python": list(random.getstate()[1]),
     }
 
@@ -114,9 +120,20 @@ def _rng_states(rt: Runtime) -> list[dict[str, Any]]:
 
 
 def _restore_rng(rng: dict[str, Any]) -> None:
+    """Restore what fits this process: its device's CUDA state where one was saved (checkpoints
+    before the per-device state saved every visible GPU's, restored only on the same count)."""
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if torch.cuda.is_available():
+        if rng.get("cuda_device") is not None:
+            torch.cuda.set_rng_state(rng["cuda_device"])
+        elif rng.get("cuda") and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        elif rng.get("cuda"):
+            log.warning(
+                "the checkpoint's CUDA RNG states are for %d GPU(s), this process sees %d: CUDA keeps its fresh seed",
+                len(rng["cuda"]),
+                torch.cuda.device_count(),
+            )
     random.setstate((3, tuple(rng["python"]), None))
 
 
