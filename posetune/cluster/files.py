@@ -240,7 +240,7 @@ def _drains_on_preemption(node: dict[str, Any]) -> bool:
     return any(
         i.get("key") == "shutdown-script"
         and "ray drain-node" in str(i.get("value"))
-        and "--node-id" in str(i.get("value"))  # without it, drain-node needs a connected Ray driver
+        and "--node-id" in str(i.get("value"))  # without it, drain-node starts a Ray driver first
         and "DRAIN_NODE_REASON_PREEMPTION" in str(i.get("value"))
         for i in items
     )
