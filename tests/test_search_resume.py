@@ -292,10 +292,11 @@ def test_a_search_started_with_the_flat_layout_resumes(synth_small, tmp_path):
         search__asha={"max_samples": 384, "grace_samples": 384, "reduction_factor": 2},
         overrides={"val.eval_every_samples": 96},
     )
-    with open(tmp_path / "old.txt", "w") as out:  # cwd first on sys.path: the old package is imported
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "posetune", "search", str(space)], cwd=old, stdout=out, stderr=out
-        )
+    # The old package first on the path of the driver and of every Ray worker it starts.
+    env = {**os.environ, "PYTHONPATH": str(old)}
+    with open(tmp_path / "old.txt", "w") as out:
+        command = [sys.executable, "-m", "posetune", "search", str(space)]
+        driver = subprocess.Popen(command, cwd=old, stdout=out, stderr=out, env=env)
     try:
         wait_for(lambda: any(r["samples_seen"] >= 192 for r in read_results(tmp_path, "f")), 400, "two results")
     finally:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -20,15 +19,9 @@ from posetune import cli
 from posetune.errors import PosetuneError
 from posetune.tracking.store import AsyncLogger, check_tracking_uri, resolve_tracking_uri
 
-from helpers import REPO, read_results, tiny_space, wait_for
+from helpers import REPO, free_port, read_results, tiny_space, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlflowServer:
