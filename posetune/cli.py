@@ -402,9 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="check a cluster file offline",
         description="Check a Ray cluster-launcher file (cluster/gcp.yaml) with Ray's own validation plus what "
-        "its schema skips (GPU node types, service-account scopes, a preemptible head, VM image pinning, the "
-        "image's Ray version, public bindings, placeholders), or a KubeRay RayJob (cluster/kuberay.yaml) against "
-        "the RayJob v1 schema plus the operator's rules. Nothing is contacted; exit code 2 lists every problem.",
+        "its schema skips (GPU node types with a driver wait and --gpus all, service-account scopes, a "
+        "preemptible head, spot workers drained on preemption, SSD boot disks, VM image pinning, the image's Ray "
+        "version, a registry login for a private image, start commands that would kill themselves, public "
+        "bindings, placeholders), or a KubeRay RayJob (cluster/kuberay.yaml) against the RayJob v1 schema plus "
+        "the operator's rules (a dashboard the Service reaches, no public Service, requests within the node's "
+        "allocatable, the head off spot nodes, a resuming entrypoint). Nothing is contacted; exit code 2 lists "
+        "every problem.",
     )
     cluster_check.add_argument(
         "file", nargs="?", default="cluster/gcp.yaml", metavar="FILE", help="default: cluster/gcp.yaml"
