@@ -400,6 +400,20 @@ def mlflow_command(text: str) -> list[str]:
     return shlex.split(command.split(">")[0].removeprefix("nohup "))
 
 
+def wait_healthy(uri: str, server: subprocess.Popen, log: Path, what: str) -> None:
+    """Until the MLflow server at uri answers /health (it dies, or 120 s pass: the test fails)."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                assert response.status == 200
+            return
+        except OSError:
+            assert server.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(1)
+
+
 def stop(server: subprocess.Popen) -> None:
     """The server and its workers (its own process group); killed if SIGTERM is not enough
     within a minute (a loaded 2-core machine can take that long)."""
@@ -446,15 +460,7 @@ def test_kuberay_mlflow_answers_through_its_service_name(tmp_path):
     server = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "the MLflow Deployment's command did not start"
-                time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{port}", server, tmp_path / "server.log", "the MLflow Deployment's command")
         for host, allowed in (("posetune-mlflow:5000", True), ("localhost:5000", True), ("evil.example:5000", False)):
             request = urllib.request.Request(url, headers={"Host": host})
             try:
@@ -484,16 +490,7 @@ def test_head_mlflow_command_serves_on_loopback_with_artifacts_in_the_bucket(gcs
     server = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    assert response.status == 200
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-                assert time.monotonic() < deadline, "the head's MLflow server did not start"
-                time.sleep(1)
+        wait_healthy(uri, server, tmp_path / "server.log", "the head's MLflow server")
         with urllib.request.urlopen(uri, timeout=10) as response:  # the UI
             assert b"<html" in response.read().lower()
         client = MlflowClient(uri)
