@@ -203,8 +203,11 @@ def ensure_dataset(space: SearchSpace, cfg: Config) -> int:
 def _fingerprint(space: SearchSpace, base: Config) -> str:
     blob = json.dumps(
         {
-            # Where results go and what compute costs may change between runs of one search.
-            "space": space.model_dump(mode="json", exclude={"storage": True, "resources": {"prices"}}),
+            # Where results go, what compute costs and which node types the cluster may start may
+            # change between runs of one search (and searches saved before those keys resume).
+            "space": space.model_dump(
+                mode="json", exclude={"storage": True, "resources": {"prices", "node_types", "max_workers"}}
+            ),
             "base": base.to_dict(),
         },
         sort_keys=True,
