@@ -178,8 +178,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print()
     print("\n".join(summary_lines(summary)))
     if run.recreated:
-        print(f"MLflow: {run.uri} had lost this search's runs; re-created from the experiment folder: ", end="")
-        print(", ".join(run.recreated))
+        print(f"MLflow: runs {run.uri} did not have, re-created from the experiment folder: {', '.join(run.recreated)}")
     if run.uri and not run.unlogged:
         print(f"MLflow: everything was logged to {run.uri} (`posetune ui` to browse an embedded store)")
     if summary.interrupted:

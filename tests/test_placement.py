@@ -173,3 +173,12 @@ def test_local_inputs_are_refused_on_more_than_one_node_unless_shared(tmp_path):
     scaled = ClusterShape(nodes(1, CPU=2), Autoscaler((NodeType("g", {"CPU": 8, "GPU": 1}, 0, 2),), 2, "test"))
     with pytest.raises(ConfigError, match=r"dataset.root = .*then set storage.shared=true"):
         check_inputs_reachable({"dataset.root": str(tmp_path)}, False, scaled)
+
+
+def test_the_head_is_not_a_worker_of_its_shape_and_a_cap_of_zero_starts_nothing():
+    head = nodes(1, CPU=8, **{HEAD_RESOURCE: 1})
+    cpu8 = (NodeType("cpu8", {"CPU": 8}, 0, 2),)
+    assert plan(ClusterShape(head, Autoscaler(cpu8, 2, "test")), cpus=8, gpus=0).concurrency == 3
+    gpu = (NodeType("l4", {"CPU": 8, "GPU": 1}, 0, 2),)
+    p = plan(ClusterShape(head, Autoscaler(gpu, 0, "test")), cpus=4)  # no worker may start: CPU on the head
+    assert p.gpus_per_worker == 0.0 and p.concurrency == 2

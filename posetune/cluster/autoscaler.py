@@ -18,6 +18,7 @@ publish it under is never written by Ray 2.60 (neither the v1 monitor nor the v2
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,9 @@ class Autoscaler:
     source: str  # where it was read, for the plan's description
 
     def describe(self) -> str:
-        types = ", ".join(f"{t.name} x{t.min_workers}-{t.max_workers} {_format(t.resources)}" for t in self.node_types)
+        types = ", ".join(
+            f"{t.name} x{t.min_workers}-{t.max_workers} {format_resources(t.resources)}" for t in self.node_types
+        )
         return f"{types or 'no worker types'}; at most {self.max_workers} worker node(s) (from {self.source})"
 
 
@@ -140,6 +143,7 @@ def find_autoscaler(explicit: Autoscaler | None = None) -> Autoscaler | None:
     return None
 
 
-def _format(resources: dict[str, float]) -> str:
-    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or k == "posetune_driver"}
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+def format_resources(resources: dict[str, float]) -> str:
+    """{CPU: 8, GPU: 1} and custom resources, without Ray's node:... ones or zeros."""
+    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or not k.startswith("node:")}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items()) if not math.isclose(v, 0)) + "}"

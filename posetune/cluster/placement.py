@@ -19,13 +19,12 @@ Without it, drivers go to the head node (Ray's ``node:__internal_head__`` resour
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from posetune import internals, storage
-from posetune.cluster.autoscaler import Autoscaler, find_autoscaler
+from posetune.cluster.autoscaler import Autoscaler, find_autoscaler, format_resources
 from posetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,18 +77,20 @@ class ClusterShape:
                 break
             if not _holds(node_type.resources, worker):
                 continue
-            running = sum(1 for node in self.up if _same_shape(node.resources, node_type.resources))
+            running = sum(
+                1 for n in self.up if HEAD_RESOURCE not in n.resources and _same_shape(n.resources, node_type.resources)
+            )
             count = max(0, min(node_type.max_workers - running, room))
             added += [Node(node_type.resources, node_type.name)] * count
             room -= count
         return self.up + added
 
     @property
-    def largest(self) -> list[Node]:
-        """Every node the cluster may ever hold, whatever the workers ask (each type at its max)."""
-        if self.autoscaler is None:
+    def startable(self) -> list[Node]:
+        """The nodes up and one of each type the autoscaler may start (none with a cap of 0)."""
+        if self.autoscaler is None or self.autoscaler.max_workers <= 0:
             return self.up
-        return self.up + [Node(t.resources, t.name) for t in self.autoscaler.node_types for _ in range(t.max_workers)]
+        return self.up + [Node(t.resources, t.name) for t in self.autoscaler.node_types if t.max_workers > 0]
 
     @property
     def multi_node(self) -> bool:
@@ -163,7 +164,7 @@ def plan_resources(
 ) -> ResourcePlan:
     """The plan for a search on `cluster`; a ConfigError when no trial could ever be placed."""
     notes = []
-    any_gpu = any(node.gpus > 0 for node in cluster.largest)  # up, or a type the autoscaler may start
+    any_gpu = any(node.gpus > 0 for node in cluster.startable)  # up, or a type the autoscaler may start
     if gpus_per_worker == "auto":
         gpus = 1.0 if any_gpu else 0.0
         if not any_gpu:
@@ -174,10 +175,10 @@ def plan_resources(
     largest = cluster.largest_for(worker)
     fit_largest = trials_that_fit(largest, worker, workers_per_trial, num_samples)
     if fit_largest < 1:
-        biggest = max(cluster.largest, key=lambda n: (n.gpus, n.cpus), default=Node({}))
+        biggest = max(cluster.startable, key=lambda n: (n.gpus, n.cpus), default=Node({}))
         raise ConfigError(
-            f"one trial needs {workers_per_trial} worker(s) of {_format(worker)} but no node can hold that "
-            f"({cluster.describe()}; the largest node has {_format(biggest.resources)}): lower "
+            f"one trial needs {workers_per_trial} worker(s) of {format_resources(worker)} but no node can hold that "
+            f"({cluster.describe()}; the largest node has {format_resources(biggest.resources)}): lower "
             "resources.workers_per_trial / cpus_per_worker / gpus_per_worker, or add a larger node type"
         )
     fit_now = trials_that_fit(cluster.up, worker, workers_per_trial, num_samples)
@@ -199,7 +200,7 @@ def plan_resources(
 def driver_request(cluster: ClusterShape) -> dict[str, float]:
     """What one trial driver asks for: a share of posetune_driver when any node offers it
     (non-preemptible nodes), else of the head node's own resource. No CPU: it only waits."""
-    if any(DRIVER_RESOURCE in node.resources for node in cluster.largest):
+    if any(DRIVER_RESOURCE in node.resources for node in cluster.startable):
         return {DRIVER_RESOURCE: DRIVER_SHARE}
     return {HEAD_RESOURCE: DRIVER_SHARE}
 
@@ -209,11 +210,6 @@ def describe_driver(request: dict[str, float]) -> str:
     if DRIVER_RESOURCE in request:
         return f"on nodes with the {DRIVER_RESOURCE} resource (the head and non-preemptible nodes)"
     return "on the head node"
-
-
-def _format(resources: dict[str, float]) -> str:
-    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or not k.startswith("node:")}
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items()) if not math.isclose(v, 0)) + "}"
 
 
 # --- Reading the cluster (Ray) ----------------------------------------------------------------

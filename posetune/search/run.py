@@ -262,14 +262,16 @@ def plan_search(space: SearchSpace, base: Config) -> list[str]:
     if not placement.cluster_reachable():
         lines = describe_plan(space, base, plan_resources(space, placement.local_shape()))
         return [*lines, "no Ray cluster is reachable (RAY_ADDRESS, or one on this node): the plan is for this machine"]
+    import ray
+
+    joined = not ray.is_initialized()  # a Python caller's own Ray session stays as it was
     placement.connect_ray()
     try:
         cluster = placement.cluster_shape(space.resources.autoscaler())
         return describe_plan(space, base, plan_resources(space, cluster))
     finally:
-        import ray
-
-        ray.shutdown()
+        if joined:
+            ray.shutdown()
 
 
 def run_search(

@@ -175,7 +175,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     except TrainingDiverged as exc:
         # Every rank detects divergence at the same step (it is all-reduced), so every rank
         # reports once more: ASHA gets the worst score, the searcher tells Optuna PRUNED with
-        # that score at the step it diverged (posetune.searchers), and the trial ends diverged.
+        # that score at the step it diverged (posetune.search.searchers), and the trial ends diverged.
         ray.train.report(diverged_result(loop_config["metric"], loop_config["mode"], str(exc), exc.samples_seen))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -220,15 +220,19 @@ class SearchRun:
         return True
 
     def _recreate_ended_trials(self, summary: SearchSummary) -> None:
-        """Child runs for the trials that had ended before a resume whose store had lost them:
-        they send no events, so their runs are made again from results.json (params, the
-        metrics at their best and last evaluations, status, best checkpoint)."""
+        """Child runs for ended trials that have none in this store: those that had ended before a
+        resume whose store had lost them (they send no events), also when that resume itself was
+        interrupted before its end. Made again from results.json: the searched params, the metrics
+        at the last and best evaluations, status, best checkpoint. Decided on the logger's thread,
+        after every queued call, so a child still being created is never made twice."""
         for record in summary.records:
-            if record.id not in self.state["trials"] and record.status != Outcome.RUNNING:
-                self.recreated.append(f"trial {record.id}")
+            if record.status != Outcome.RUNNING:
                 self.logger.submit(f"re-creating the run of trial {record.id}", lambda r=record: self._recreate(r))
 
     def _recreate(self, record: TrialRecord) -> None:
+        if record.id in self.state["trials"] or self._find_child(record.id):
+            return
+        self.recreated.append(f"trial {record.id}")
         self._ensure_child(record.id, record.params)
         run_id = self._child(record.id)
         best_step = int(record.best_metrics.get("samples_seen", record.samples_seen))
@@ -276,8 +280,7 @@ class SearchRun:
     def _log_outcome(self, summary: SearchSummary, study) -> None:
         """The search's best metrics, counts, results files, plots and best model, on the parent run."""
         self._summary = summary
-        if self.recreated:
-            self._recreate_ended_trials(summary)
+        self._recreate_ended_trials(summary)
         client, parent, best = self.client, self.parent_run_id, summary.best
         counts = {
             f"posetune.trials_{outcome.value}": n for outcome, n in summary.counts.items() if outcome.value != "running"

@@ -86,7 +86,7 @@ def resume(
     rng = saved["rng"]
     rng = rng if isinstance(rng, dict) else rng[rank] if rank < len(rng) else None  # per rank since v2
     if rng is not None:  # a rank the saved run did not have keeps its fresh seed
-        _restore_rng(rng)
+        _restore_rng(rng, next(model.parameters()).device)
     return TrainState(
         epoch=saved["epoch"],
         batch=saved.get("batch", 0),  # since v3: mid-epoch checkpoints
@@ -98,13 +98,13 @@ def resume(
     )
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     """This process's RNG state. CUDA's is its own device's only (``cuda_device``): Ray Train gives
     co-located workers all of a node's GPUs, so a list of every visible GPU's state would not fit
     a restart on another GPU layout."""
     return {
         "torch": torch.get_rng_state(),
-        "cuda_device": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda_device": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "python": list(random.getstate()[1]),
     }
 
@@ -113,19 +113,19 @@ def _rng_states(rt: Runtime) -> list[dict[str, Any]]:
     """Every rank's RNG state (gathered to all ranks), so that a resumed multi-worker run
     continues each rank's own random stream."""
     if rt.world_size == 1:
-        return [_rng_state()]
+        return [_rng_state(rt.device)]
     states: list[Any] = [None] * rt.world_size
-    torch.distributed.all_gather_object(states, _rng_state())
+    torch.distributed.all_gather_object(states, _rng_state(rt.device))
     return states
 
 
-def _restore_rng(rng: dict[str, Any]) -> None:
+def _restore_rng(rng: dict[str, Any], device: torch.device) -> None:
     """Restore what fits this process: its device's CUDA state where one was saved (checkpoints
     before the per-device state saved every visible GPU's, restored only on the same count)."""
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
-        if rng.get("cuda_device") is not None:
-            torch.cuda.set_rng_state(rng["cuda_device"])
+        if rng.get("cuda_device") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda_device"], device)
         elif rng.get("cuda") and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
         elif rng.get("cuda"):
