@@ -143,8 +143,16 @@ class FakeCluster:
 
 @pytest.fixture
 def fake_home(tmp_path, monkeypatch):
+    """HOME for the simulated head. Ray's token (~/.ray/auth_token) comes along: a Ray instance
+    an earlier test started in this process may have switched it to token authentication
+    (RAY_AUTH_MODE=token), and the simulated cluster and this process must share the token."""
+    import shutil
+
     home = tmp_path / "home"
-    home.mkdir()
+    token = Path.home() / ".ray" / "auth_token"
+    (home / ".ray").mkdir(parents=True)
+    if token.is_file():
+        shutil.copy(token, home / ".ray" / "auth_token")
     monkeypatch.setenv("HOME", str(home))
     return home
 
