@@ -20,7 +20,7 @@ import yaml
 
 from helpers import REPO, free_port, ray_processes, wait_for
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.autoscaler, pytest.mark.timeout(900)]
 
 FAKE_PROVIDER = {
     "type": "external",
