@@ -31,10 +31,7 @@ partial score, as Ray's stock OptunaSearch does).
 from __future__ import annotations
 
 import argparse
-import bisect
-import collections
 import concurrent.futures
-import heapq
 import json
 import math
 import multiprocessing
@@ -45,12 +42,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the replay shared with external.py
+import tune_replay
+from tune_replay import Curve, Trace
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -201,6 +200,21 @@ class Recording:
         distance scaled to its parameter's range (log ranges for log distributions)."""
         return min(self.configs, key=lambda entry: self._distance(params, entry["params"]))
 
+    def curve(self, params: dict, seed: int) -> Curve:
+        """What a sampled configuration reports: its nearest recorded one's curve (one training
+        seed was recorded, so `seed` is unused); a diverged one reports its worst score where
+        it diverged."""
+        from posetune.choices import diverged_result, metric_mode
+
+        entry = self.nearest(params)
+        points = [dict(point) for point in entry["curve"]]
+        if entry["diverged_at"] is not None:
+            mode = metric_mode(self.metric)
+            worst = diverged_result(self.metric, mode, "diverged", entry["diverged_at"])[self.metric]
+            seconds = entry["diverged_at"] * self.seconds_per_sample
+            points.append({self.metric: worst, "diverged": 1, "samples": entry["diverged_at"], "seconds": seconds})
+        return Curve(points, config=entry["index"])
+
     def _distance(self, a: dict, b: dict) -> float:
         total = 0.0
         for key, p in self.parameters.items():
@@ -214,37 +228,15 @@ class Recording:
         return total
 
 
-@dataclass
-class Trace:
-    """One replayed search: (samples spent, best metric so far) after every evaluation."""
-
-    spent: list[int] = field(default_factory=list)
-    best: list[float] = field(default_factory=list)
-    trials: int = 0
-    ended: list[int] = field(default_factory=list)  # samples at which each ended trial stopped
-    told: dict[str, int] = field(default_factory=dict)  # Optuna trial states, counted
-    configs: set[int] = field(default_factory=set)  # the recorded configurations its trials trained as
-
-    def best_at(self, budget: float) -> float:
-        i = bisect.bisect_right(self.spent, budget) - 1
-        return self.best[i] if i >= 0 else math.inf
-
-    def budget_to_reach(self, target: float) -> float:
-        return next((spent for spent, best in zip(self.spent, self.best, strict=True) if best <= target), math.inf)
-
-
 def replay(
     recording: Recording, strategy: str, seed: int, budget: float, concurrency: int, trials: int | None = None
 ) -> Trace:
     """One search on a simulated clock, driven like Tune drives posetune's searcher and
-    scheduler (posetune.search.searchers.build_searcher / build_scheduler). It ends when it has spent
-    `budget` samples, or after `trials` trials (as search.num_samples does)."""
-    from ray.tune.schedulers import TrialScheduler
+    scheduler (tune_replay.replay). It ends when it has spent `budget` samples, or after
+    `trials` trials (as search.num_samples does)."""
     from ray.tune.search.optuna import OptunaSearch
 
-    from posetune import internals
-    from posetune.choices import diverged_result
-    from posetune.search.searchers import SAMPLERS, build_scheduler, build_searcher
+    from posetune.search.searchers import SAMPLERS
     from posetune.search.space import DefineByRun, load_space
 
     told = STRATEGIES[strategy][2]
@@ -252,68 +244,12 @@ def replay(
     # num_samples: the sweep this budget buys, which sets TPE's start-up trials
     space, _ = load_space(SPACE_FILE, [*strategy_settings(strategy, full_trials), f"search.seed={seed}"])
     s = space.search
-    if told == "pruned":
-        searcher = build_searcher(space)
-    else:  # Ray's stock OptunaSearch: a stopped trial is told COMPLETE with its last score
+    searcher = None  # posetune's: build_searcher
+    if told == "complete":  # Ray's stock OptunaSearch: a stopped trial is told COMPLETE with its last score
         searcher = OptunaSearch(
             space=DefineByRun(space), metric=s.metric, mode=s.resolved_mode, sampler=SAMPLERS["tpe"](s)
         )
-    scheduler = build_scheduler(space)
-    scheduler.set_search_properties(s.metric, s.resolved_mode)
-    np.random.seed(seed)  # ASHA picks a bracket with numpy's global generator
-
-    trace, spent, best = Trace(), 0, math.inf
-    running: list[tuple[float, int, str, int]] = []  # (time of next report, tiebreak, trial id, report index)
-    curves: dict[str, list[dict]] = {}
-    started: dict[str, float] = {}  # when each trial started, on the simulated clock
-    count = 0
-
-    def start(now: float) -> None:
-        nonlocal count
-        trial_id = f"t{count:04d}"
-        count += 1
-        params = searcher.suggest(trial_id)
-        entry = recording.nearest(params)
-        trace.configs.add(entry["index"])
-        curve = [dict(point) for point in entry["curve"]]
-        if entry["diverged_at"] is not None:  # it reports its worst score where it diverged
-            worst = diverged_result(s.metric, s.resolved_mode, "diverged", entry["diverged_at"])[s.metric]
-            seconds = entry["diverged_at"] * recording.seconds_per_sample
-            curve.append({s.metric: worst, "diverged": 1, "samples": entry["diverged_at"], "seconds": seconds})
-        curves[trial_id], started[trial_id] = curve, now
-        scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
-        heapq.heappush(running, (now + curve[0]["seconds"], count, trial_id, 0))
-
-    for _ in range(min(concurrency, trials or concurrency)):
-        start(0.0)
-    while running and spent < budget:
-        now, _, trial_id, k = heapq.heappop(running)
-        curve = curves[trial_id]
-        point = curve[k]
-        spent += point["samples"] - (curve[k - 1]["samples"] if k else 0)
-        result = {s.metric: point[s.metric], "samples_seen": point["samples"], "training_iteration": k + 1}
-        if "diverged" in point:
-            result["diverged"] = 1
-        else:
-            best = min(best, point[s.metric])
-        trace.spent.append(spent)
-        trace.best.append(best)
-        trial = SimpleNamespace(trial_id=trial_id)
-        decision = scheduler.on_trial_result(None, trial, result)
-        last = k == len(curve) - 1
-        if decision != TrialScheduler.STOP:
-            searcher.on_trial_result(trial_id, result)
-        if decision == TrialScheduler.STOP or last:
-            scheduler.on_trial_complete(None, trial, result)
-            searcher.on_trial_complete(trial_id, result)
-            trace.ended.append(point["samples"])
-            if spent < budget and count < (trials or math.inf):
-                start(now)
-        else:
-            heapq.heappush(running, (started[trial_id] + curve[k + 1]["seconds"], count, trial_id, k + 1))
-    trace.trials = count
-    trace.told = dict(collections.Counter(t.state.name for t in internals.searcher_study(searcher).trials))
-    return trace
+    return tune_replay.replay(space, recording.curve, seed, budget, concurrency, trials, searcher)
 
 
 def recording_budget(recording: Recording) -> int:
