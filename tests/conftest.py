@@ -17,13 +17,15 @@ from posetune.data import synth
 from helpers import GCSEmulator, free_port
 
 # What a test starts when it asks for one of these fixtures (`two_nodes` is test_cluster.py's,
-# `server` test_tracking.py's `mlflow server`, `http_server` test_storage.py's; the others are below).
+# `server` test_tracking.py's `mlflow server`, `http_server` and `https_server` test_storage.py's;
+# the others are below).
 MARKED_FIXTURES = {
     "ray_cluster": "ray",
     "two_nodes": "ray",
     "gcs": "server",
     "server": "server",
     "http_server": "server",
+    "https_server": "server",
 }
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -101,8 +104,25 @@ def test_ray_storage_is_a_pyarrow_filesystem_on_the_same_bucket(gcs, bucket):
 
 class _Files(http.server.BaseHTTPRequestHandler):
     files: typing.ClassVar[dict[str, bytes]] = {}
+    requests: typing.ClassVar[list[str]] = []
 
     def do_GET(self):
+        self.requests.append(self.path)
+        if self.path in ("/short", "/reset", "/garbled"):  # announce 4 MiB, send 256 KiB, then break
+            self.send_response(200)
+            self.send_header("Content-Length", str(4 * storage.MiB))
+            self.end_headers()
+            self.wfile.write(b"z" * 262144)
+            self.wfile.flush()
+            if self.path == "/reset":  # an RST, not a FIN: the reader gets ECONNRESET
+                time.sleep(0.2)
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if self.path == "/garbled":  # bytes outside any TLS record: the client's TLS layer fails
+                time.sleep(0.2)
+                os.write(self.connection.fileno(), b"\x17\x03\x03\x00\x10" + b"not a tls record" * 4)
+                time.sleep(0.5)
+            self.close_connection = True
+            return
         if self.path == "/slow":
             time.sleep(3)
         if self.path == "/endless":  # no Content-Length: only the streamed count can stop it
@@ -138,6 +158,34 @@ def http_server(tmp_path):
     server.shutdown()
     server.server_close()
     _Files.files.clear()
+    _Files.requests.clear()
+
+
+@pytest.fixture
+def https_server(tmp_path_factory, monkeypatch):
+    """The same files over TLS, with a self-signed certificate the client is told to trust
+    (SSL_CERT_FILE, which OpenSSL reads when urllib makes its default context)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subject = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    files = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject, *files],
+        check=True,
+        capture_output=True,
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    server = _QuietServer(("127.0.0.1", 0), _Files)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", _Files.files
+    server.shutdown()
+    server.server_close()
+    _Files.files.clear()
+    _Files.requests.clear()
 
 
 def test_http_checkpoint_download_with_sha256(http_server, tmp_path):
@@ -150,7 +198,7 @@ def test_http_checkpoint_download_with_sha256(http_server, tmp_path):
     assert torch.equal(load_checkpoint(f"{url}/m.pt#sha256={good}")["model"]["w"], torch.ones(3))
     assert load_checkpoint(f"{url}/m.pt", sha256=good.upper())["format"] == "posetune-checkpoint"
     with pytest.raises(CheckpointError, match=f"SHA-256 {good} does not match the expected 00ff"):
-        load_checkpoint(f"{url}/m.pt#sha256=00ff")
+        load_checkpoint(f"{url}/m.pt#sha256={'00ff' * 16}")
     with pytest.raises(CheckpointError, match="answered 404"):
         load_checkpoint(f"{url}/missing.pt")
     with pytest.raises(StorageError, match="read only"):
@@ -171,6 +219,80 @@ def test_http_size_cap_and_timeout(http_server, tmp_path):
     with pytest.raises(StorageError):
         small.download(f"{url}/endless", target)
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/short", r"closed the connection early \(after 262144 bytes, \d+ more were announced\)"),
+        ("/reset", r"(download failed after \d+ bytes \(ConnectionResetError|closed the connection early)"),
+    ],
+)
+def test_http_broken_transfers_are_one_error_and_leave_nothing(http_server, tmp_path, path, message):
+    """A server that closes early (http.client.IncompleteRead) or resets the connection: one
+    StorageError naming the URL, no partial file, for downloads and checkpoint loads alike."""
+    url, _ = http_server
+    with pytest.raises(StorageError, match=message):
+        storage.HTTPStorage().download(f"{url}{path}", tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=f"checkpoint {url}{path}: {url}{path}"):
+        load_checkpoint(f"{url}{path}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_https_tls_error_mid_download_is_one_error(https_server, tmp_path):
+    url, files = https_server
+    files["/m.pt"] = b"fine"
+    assert storage.read_bytes(f"{url}/m.pt") == b"fine"  # the certificate is trusted: TLS works
+    with pytest.raises(StorageError, match=f"{url}/garbled: TLS error during the download"):
+        storage.HTTPStorage().download(f"{url}/garbled", tmp_path / "model.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_http_download_streams_to_disk_not_memory(http_server, tmp_path):
+    """A 48 MiB checkpoint download peaks at a chunk or two of Python memory, not the whole
+    file (the old join of chunks held about twice its size)."""
+    import tracemalloc
+
+    url, files = http_server
+    data = os.urandom(48 * storage.MiB)
+    files["/big.pt"] = data
+    tracemalloc.start()
+    try:
+        with storage.local_copy(f"{url}/big.pt", hashlib.sha256(data).hexdigest()) as local:
+            _, peak = tracemalloc.get_traced_memory()
+            assert local.stat().st_size == len(data)
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * storage.MiB, f"peak {peak / storage.MiB:.0f} MiB"
+
+
+def test_malformed_sha256_is_refused_before_downloading(http_server, tmp_path):
+    url, files = http_server
+    files["/m.pt"] = b"x"
+    for uri, sha256 in [(f"{url}/m.pt", "xyz"), (f"{url}/m.pt#sha256=12", None), (f"{url}/m.pt", "g" * 64)]:
+        with pytest.raises(StorageError, match="must be 64 hexadecimal digits"):
+            storage.read_bytes(uri, sha256)
+    (tmp_path / "m.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"must be 64 hexadecimal digits, .*; got 'xyz'"):
+        load_checkpoint(tmp_path / "m.pt", sha256="xyz")
+    assert _Files.requests == []  # nothing was asked of the server
+
+
+def test_cli_refuses_a_malformed_sha256_before_downloading(http_server, tmp_path):
+    url, files = http_server
+    files["/m.pt"] = b"not even a checkpoint"
+    proc = subprocess.run(
+        [sys.executable, "-m", "posetune", "evaluate", "--checkpoint", f"{url}/m.pt", "--sha256", "xyz"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"posetune: error: checkpoint {url}/m.pt: {url}/m.pt: the expected SHA-256 (--sha256 or #sha256=) must be "
+        "64 hexadecimal digits, as `sha256sum FILE` prints them; got 'xyz'"
+    ]
+    assert _Files.requests == [] and list(tmp_path.iterdir()) == []
 
 
 def test_cli_refuses_a_checkpoint_whose_sha256_differs(http_server, tmp_path):

@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from posetune.errors import StorageError
-from posetune.storage.base import MiB, Storage, atomic_path, cache_root, file_lock, split_sha256
+from posetune.storage.base import (
+    MiB,
+    Storage,
+    atomic_path,
+    cache_root,
+    check_sha256,
+    expected_sha256,
+    file_lock,
+    split_sha256,
+    verify_sha256,
+)
 from posetune.storage.gcs import GCSStorage
 from posetune.storage.http import HTTPStorage
 from posetune.storage.local import LocalStorage
@@ -34,6 +44,7 @@ __all__ = [
     "atomic_path",
     "backend",
     "cache_root",
+    "check_sha256",
     "copy",
     "download_tree",
     "exists",
@@ -118,12 +129,14 @@ def name_of(uri: str | Path) -> str:
 
 
 def read_bytes(uri: str | Path, sha256: str | None = None) -> bytes:
+    """The whole content (small files: images, configs); checkpoints go through local_copy."""
     store = backend(uri)
     if isinstance(store, HTTPStorage):
         return store.read_bytes(str(uri), sha256)
+    expected = check_sha256(sha256, str(uri))  # a malformed one is refused before reading
     data = store.read_bytes(str(uri))
-    if sha256 and hashlib.sha256(data).hexdigest() != sha256.lower():
-        raise StorageError(f"{uri}: SHA-256 {hashlib.sha256(data).hexdigest()} does not match the expected {sha256}")
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise StorageError(f"{uri}: SHA-256 {hashlib.sha256(data).hexdigest()} does not match the expected {expected}")
     return data
 
 
@@ -176,15 +189,26 @@ def from_ray_path(like: str | Path, path: str) -> str:
 
 
 @contextmanager
-def local_copy(uri: str | Path) -> Iterator[Path]:
+def local_copy(uri: str | Path, sha256: str | None = None) -> Iterator[Path]:
     """A local file with the content at uri, for APIs that take only local paths (MLflow's
-    log_artifact): the file itself when it is local, else a temporary download."""
-    if is_local(uri):
-        yield LocalStorage().read_path(str(uri))  # a StorageError when it is missing
+    log_artifact, torch.load of a large checkpoint): the file itself when it is local, else a
+    temporary download streamed to disk, removed after the block. With `sha256` (or an
+    https:// URI's #sha256=) the file is checked first."""
+    uri = str(uri)
+    store = backend(uri)
+    expected = expected_sha256(uri, sha256) if isinstance(store, HTTPStorage) else check_sha256(sha256, uri)
+    if isinstance(store, LocalStorage):
+        path = store.read_path(uri)  # a StorageError when it is missing
+        verify_sha256(path, expected, uri)
+        yield path
         return
     with tempfile.TemporaryDirectory(prefix="posetune-") as folder:
         local = Path(folder, name_of(uri))
-        backend(uri).download(str(uri), local)
+        if isinstance(store, HTTPStorage):
+            store.download(uri, local, sha256=expected)  # hashed while it streams
+        else:
+            store.download(uri, local)
+            verify_sha256(local, expected, uri)
         yield local
 
 

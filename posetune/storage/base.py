@@ -1,10 +1,13 @@
 """What every scheme shares: the ``Storage`` base class, atomic local writes, node-wide file
-locks, posetune's per-node cache folder and the ``#sha256=`` suffix of a URI."""
+locks, posetune's per-node cache folder and the ``#sha256=`` suffix of a URI (and the check of
+an expected SHA-256)."""
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +61,45 @@ def split_sha256(uri: str) -> tuple[str, str | None]:
     return uri, None
 
 
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def check_sha256(value: str | None, where: str) -> str | None:
+    """An expected SHA-256 in lowercase (None when there is none). A value that cannot be one
+    is the user's mistake, refused before anything is downloaded: comparing a whole download
+    with 'xyz' could only end in a mismatch."""
+    if not value:
+        return None
+    if not _SHA256.fullmatch(value):
+        raise StorageError(
+            f"{where}: the expected SHA-256 (--sha256 or #sha256=) must be 64 hexadecimal digits, "
+            f"as `sha256sum FILE` prints them; got {value!r}"
+        )
+    return value.lower()
+
+
+def expected_sha256(uri: str, sha256: str | None = None) -> str | None:
+    """The SHA-256 a download of uri must have: the argument, else the URI's #sha256=."""
+    url, fragment = split_sha256(uri)
+    return check_sha256(sha256 or fragment, url)
+
+
+def verify_sha256(path: Path, expected: str | None, where: str) -> None:
+    """Hash a local file in chunks (never whole in memory) and compare it with `expected`."""
+    if not expected:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(MiB):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise StorageError(f"{where}: SHA-256 {digest.hexdigest()} does not match the expected {expected}")
+
+
+def _name_of(uri: str) -> str:
+    return split_sha256(uri)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 class Storage:
     """One URI scheme. Paths passed in are whole URIs (or local paths for LocalStorage)."""
 
@@ -78,10 +120,18 @@ class Storage:
         when uri is one file. The version changes whenever the file's content may have."""
         raise NotImplementedError
 
-    def download(self, uri: str, local: Path) -> None:
-        """Copy one file to a local path, verified, appearing complete or not at all."""
+    def download(self, uri: str, local: Path, version: str | None = None) -> None:
+        """Copy one file to a local path, verified, appearing complete or not at all. `version`
+        (from list_files) pins the download to that version where the scheme can."""
         with atomic_path(local) as tmp:
             tmp.write_bytes(self.read_bytes(uri))
+
+    def download_files(self, uri: str, files: dict[str, str], local: Path) -> None:
+        """Download some of list_files(uri)'s {name: version} into the local folder (the file
+        itself for the name ""), each pinned to its listed version where the scheme can. A
+        scheme with a parallel transfer overrides this."""
+        for name, version in files.items():
+            self.download(f"{uri.rstrip('/')}/{name}" if name else uri, local / (name or _name_of(uri)), version)
 
     def upload(self, local: Path, uri: str) -> None:
         self.write_bytes(uri, local.read_bytes())

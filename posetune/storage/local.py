@@ -42,7 +42,7 @@ class LocalStorage(Storage):
                 files[path.relative_to(root).as_posix()] = _stat_version(path)
         return files
 
-    def download(self, uri: str, local: Path) -> None:
+    def download(self, uri: str, local: Path, version: str | None = None) -> None:
         with atomic_path(local) as tmp:
             shutil.copyfile(self.read_path(uri), tmp)
 

@@ -8,6 +8,7 @@ value) plus the fully resolved config, so evaluate/predict need nothing else.
 from __future__ import annotations
 
 import io
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,17 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 def load_checkpoint(uri: str | Path, sha256: str | None = None) -> dict[str, Any]:
     """A checkpoint from a path or URI (gs://, http(s)://, optionally checked against a SHA-256),
     on the CPU. Only tensors and plain containers are unpickled (weights_only), so a checkpoint
-    from elsewhere cannot run code."""
-    try:
-        data = storage.read_bytes(uri, sha256)
-    except PosetuneError as exc:
-        raise CheckpointError(f"checkpoint {uri}: {exc}") from None
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated, foreign or corrupted files
-        raise CheckpointError(f"checkpoint {uri} cannot be read: {str(exc).splitlines()[0]}") from None
+    from elsewhere cannot run code. A remote one is streamed to a temporary file first: a
+    multi-GiB checkpoint is never held in memory twice (its bytes and the tensors)."""
+    with ExitStack() as stack:
+        try:
+            path = stack.enter_context(storage.local_copy(uri, sha256))
+        except PosetuneError as exc:
+            raise CheckpointError(f"checkpoint {uri}: {exc}") from None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for truncated, foreign or corrupted files
+            raise CheckpointError(f"checkpoint {uri} cannot be read: {str(exc).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{uri} is not a posetune checkpoint")
     return state
