@@ -176,3 +176,28 @@ def test_bad_zip(tmp_path):
     (tmp_path / "x.zip").write_bytes(b"nope")
     with pytest.raises(DataError, match="not a valid zip"):
         read_split(tmp_path / "x.zip", "train", "cube_position")
+
+
+@pytest.mark.server
+def test_a_bucket_folder_is_counted_from_its_labels_without_fetching_images(gcs, bucket, synth_small, tmp_path):
+    """The search's head reads a bucket dataset's labels where they are: the same index as the
+    local copy, and no image is downloaded (nothing lands in the cache)."""
+    from posetune.data.tools import push_dataset
+    from posetune.search.run import ensure_dataset
+    from posetune.search.space import load_space
+
+    from helpers import tiny_space
+
+    push_dataset(str(synth_small), f"gs://{bucket}/d")
+    remote = read_split(f"gs://{bucket}/d", "train", "cube_position")
+    local = read_split(synth_small, "train", "cube_position")
+    assert remote.images == local.images and np.array_equal(remote.translations, local.translations)
+    assert remote.source.describe(remote.images[0]) == f"gs://{bucket}/d/train/{remote.images[0]}"
+    space_file = tiny_space(tmp_path, synth_small, overrides={"dataset.root": f"gs://{bucket}/d"})
+    space, base = load_space(space_file, [])
+    assert ensure_dataset(space, base) == 96
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(DataError, match=f"split folder gs://{bucket}/d/nope not found"):
+        read_split(f"gs://{bucket}/d", "nope", "cube_position")
+    with pytest.raises(DataError, match=f"dataset.root gs://{bucket}/missing does not exist"):
+        read_split(f"gs://{bucket}/missing", "train", "cube_position")

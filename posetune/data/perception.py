@@ -14,12 +14,15 @@ import math
 import os
 import re
 import zipfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from posetune import storage
 from posetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,9 @@ class FolderSource:
         """Changes whenever the file does; keys the image cache."""
         stat = (self.root / name).stat()
         return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+    def read_many(self, names: Iterable[str]) -> Iterator[bytes]:
+        return map(self.read, names)
 
     def describe(self, name: str = "") -> str:
         return str(self.root / name) if name else str(self.root)
@@ -86,15 +92,48 @@ class ZipSource:
         info = self._infos[name]
         return f"{info.file_size}:{info.CRC}"
 
+    def read_many(self, names: Iterable[str]) -> Iterator[bytes]:
+        return map(self.read, names)
+
     def describe(self, name: str = "") -> str:
         return f"{self.path}!/{self.prefix}{name}"
 
 
-Source = FolderSource | ZipSource
+class RemoteSource:
+    """A dataset split stored as a folder in a bucket, read where it is: the head counts a
+    split's samples from its listing and label files without downloading its images (each
+    training node keeps a local copy, ``posetune.data.fetch``)."""
+
+    READERS = 16  # label files are small: many reads in flight, not one round trip each
+
+    def __init__(self, uri: str, files: dict[str, str]):
+        self.uri, self._files = uri, files
+
+    def files(self) -> list[str]:
+        return list(self._files)
+
+    def read(self, name: str) -> bytes:
+        return storage.read_bytes(storage.join(self.uri, name))
+
+    def read_many(self, names: Iterable[str]) -> Iterator[bytes]:
+        with ThreadPoolExecutor(self.READERS) as pool:
+            yield from pool.map(self.read, names)
+
+    def fingerprint(self, name: str) -> str:
+        return self._files[name]
+
+    def describe(self, name: str = "") -> str:
+        return storage.join(self.uri, name) if name else self.uri
+
+
+Source = FolderSource | ZipSource | RemoteSource
 
 
 def open_split(root: str | Path, split: str) -> Source:
-    """The split folder `split` of a dataset root (a folder, or a .zip holding the folders)."""
+    """The split folder `split` of a dataset root (a folder, or a .zip holding the folders;
+    a folder in a bucket is read where it is, a .zip in a bucket must be fetched first)."""
+    if not storage.is_local(root):
+        return _open_remote_split(str(root), split)
     root = Path(root)
     if root.suffix.lower() == ".zip":
         if not root.is_file():
@@ -119,6 +158,18 @@ def open_split(root: str | Path, split: str) -> Source:
             f"{split}/ (and the other split folders), e.g. from `posetune data synth`"
         )
     return FolderSource(folder)
+
+
+def _open_remote_split(root: str, split: str) -> RemoteSource:
+    if root.lower().endswith(".zip"):
+        raise DataError(f"{root}: a .zip in a bucket is read from a local copy (posetune.data.fetch.fetch_dataset)")
+    uri = storage.join(root, split)
+    files = storage.list_files(uri)
+    if not files or "" in files:
+        if not storage.list_files(root):
+            raise DataError(f"dataset.root {root} does not exist (no object or folder of that name)")
+        raise DataError(f"split folder {uri} not found: dataset.root must hold {split}/ (and the other split folders)")
+    return RemoteSource(uri, files)
 
 
 # --- The index --------------------------------------------------------------------------------
@@ -198,9 +249,15 @@ def _numbered(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def _load_json(source: Source, name: str) -> Any:
+def _load_all(source: Source, names: list[str]) -> Iterator[tuple[str, Any]]:
+    """(name, parsed JSON) for each of names, in order."""
+    for name, raw in zip(names, source.read_many(names), strict=True):
+        yield name, _parse_json(source, name, raw)
+
+
+def _parse_json(source: Source, name: str, raw: bytes) -> Any:
     try:
-        return json.loads(source.read(name))
+        return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{source.describe(name)}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
@@ -268,8 +325,7 @@ def _is_box3d(annotation: Any) -> bool:
 
 def _read_legacy(source: Source, names: list[str], label_name: str) -> tuple[list, int]:
     records, total = [], 0
-    for name in names:
-        document = _load_json(source, name)
+    for name, document in _load_all(source, names):
         captures = _field(document, ("captures",), source.describe(name))
         for number, capture in enumerate(captures):
             total += 1
@@ -286,8 +342,7 @@ def _read_legacy(source: Source, names: list[str], label_name: str) -> tuple[lis
 
 def _read_solo(source: Source, names: list[str], label_name: str) -> tuple[list, int]:
     records, total = [], 0
-    for name in names:
-        frame = _load_json(source, name)
+    for name, frame in _load_all(source, names):
         folder = PurePosixPath(name).parent
         for number, capture in enumerate(_field(frame, ("captures",), source.describe(name))):
             if "RGBCamera" not in str(capture.get("@type", "")):

@@ -196,7 +196,11 @@ def ensure_dataset(space: SearchSpace, cfg: Config) -> int:
         # Local splits that exist are never replaced; a bucket without the train split holds no
         # usable dataset (at most an interrupted upload) and is replaced.
         synthesize(root, splits, synthetic.seed, overwrite=not storage.is_local(root))
-    index = read_split(fetch_dataset(root, cfg.dataset.cache_dir), cfg.dataset.train_split, cfg.estimator.label_name)
+    # A folder in a bucket is counted where it is (labels only; the training nodes fetch their
+    # own copies); a .zip is one object and is fetched.
+    if storage.is_local(root) or root.lower().endswith(".zip"):
+        root = str(fetch_dataset(root, cfg.dataset.cache_dir))
+    index = read_split(root, cfg.dataset.train_split, cfg.estimator.label_name)
     return len(index.head(cfg.train.sample_size))
 
 
