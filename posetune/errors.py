@@ -22,6 +22,11 @@ class StorageError(PosetuneError):
     """A path or URI cannot be read or written (missing, refused, corrupted, read only)."""
 
 
+class StorageChanged(StorageError):
+    """An object changed or went away between listing it and reading the listed version (a
+    push in progress): listing again may succeed, so a reader of many objects retries."""
+
+
 class CheckpointError(PosetuneError):
     """A checkpoint or model cannot be found or read."""
 

@@ -128,6 +128,101 @@ class GCSEmulator:
         return sorted(blob.name for blob in self.client.list_blobs(bucket, prefix=prefix))
 
 
+class FaultyGCS:
+    """A local HTTP front for the GCS emulator that misbehaves on purpose; point
+    STORAGE_EMULATOR_HOST at `host`. It forwards every request, except that:
+    - `fail[substring]` lists statuses to answer, one per request whose path holds substring;
+    - `corrupt` (a substring) flips one byte of the body of matching media downloads, leaving
+      the object's real CRC32C in x-goog-hash;
+    - `pin_generations` answers ?generation=G as GCS does when G is no longer the object's
+      generation (404): the emulator ignores the parameter.
+    `requests` records (method, path) of everything it received."""
+
+    HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self.fail: dict[str, list[int]] = {}
+        self.corrupt: str | None = None
+        self.pin_generations = False
+        self.requests: list[tuple[str, str]] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self):
+                proxy.requests.append((self.command, self.path))
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status = proxy._planned_failure(self.path)
+                if status is None and proxy.pin_generations:
+                    status = proxy._stale_generation(self.path)
+                if status is not None:
+                    payload = json.dumps({"error": {"code": status, "message": "injected by FaultyGCS"}}).encode()
+                    self._answer(status, [("Content-Type", "application/json")], payload)
+                    return
+                status, headers, payload = proxy._forward(self.command, self.path, dict(self.headers), body)
+                if proxy.corrupt and proxy.corrupt in self.path and "alt=media" in self.path and payload:
+                    payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
+                self._answer(status, headers, payload)
+
+            def _answer(self, status, headers, payload):
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in proxy.HOP:
+                        self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _planned_failure(self, path: str) -> int | None:
+        for substring, statuses in self.fail.items():
+            if substring in path and statuses:
+                return statuses.pop(0)
+        return None
+
+    def _forward(self, method: str, path: str, headers: dict, body: bytes):
+        import http.client
+
+        connection = http.client.HTTPConnection(self.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in headers.items() if k.lower() not in self.HOP}
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            connection.close()
+
+    def _stale_generation(self, path: str) -> int | None:
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(path)
+        asked = urllib.parse.parse_qs(url.query).get("generation")
+        if not asked or "/o/" not in url.path:
+            return None
+        metadata = url.path.removeprefix("/download")  # the object's metadata, its current generation
+        status, _, payload = self._forward("GET", metadata, {}, b"")
+        current = json.loads(payload).get("generation") if status == 200 else None
+        return None if current == asked[0] else 404
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # --- Hand-made Perception datasets ----------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import os
+import re
 import socket
 import ssl
 import struct
@@ -21,6 +22,8 @@ import torch
 from posetune import storage
 from posetune.errors import CheckpointError, StorageError
 from posetune.train.checkpoint import load_checkpoint, save_checkpoint
+
+from helpers import FaultyGCS
 
 # --- Local ------------------------------------------------------------------------------------
 
@@ -97,6 +100,51 @@ def test_ray_storage_is_a_pyarrow_filesystem_on_the_same_bucket(gcs, bucket):
         out.write(b"ray wrote this")
     assert storage.read_text(f"gs://{bucket}/searches/q/from-pyarrow.txt") == "ray wrote this"
     assert storage.from_ray_path(f"gs://{bucket}/x", f"{bucket}/x/ck") == f"gs://{bucket}/x/ck"
+
+
+@pytest.fixture
+def faulty_gcs(gcs, monkeypatch):
+    """The emulator behind a front that misbehaves on purpose (helpers.FaultyGCS), and a
+    GCSStorage whose client talks to that front."""
+    proxy = FaultyGCS(gcs.host)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.host)
+    yield proxy, storage.GCSStorage()
+    proxy.close()
+
+
+def test_gcs_crc32c_mismatch_is_a_storage_error_and_leaves_nothing(faulty_gcs, bucket, tmp_path):
+    proxy, store = faulty_gcs
+    store.write_bytes(f"gs://{bucket}/best.pt", b"weights" * 1000)
+    proxy.corrupt = "best.pt"  # the bytes on the wire differ from the object's CRC32C
+    with pytest.raises(StorageError, match=rf"gs://{bucket}/best.pt: the data arrived corrupted \(CRC32C mismatch\)"):
+        store.read_bytes(f"gs://{bucket}/best.pt")
+    with pytest.raises(StorageError, match="CRC32C mismatch"):
+        store.download(f"gs://{bucket}/best.pt", tmp_path / "best.pt")
+    assert list(tmp_path.iterdir()) == []
+    proxy.corrupt = None
+    assert store.read_bytes(f"gs://{bucket}/best.pt") == b"weights" * 1000
+
+
+def test_gcs_copy_retries_transient_errors(faulty_gcs, bucket):
+    """The copy that exports best/model.pt: a 503 (and then a 429) from the server is retried by the
+    library (a precondition on the source's generation makes the retry safe), not an error."""
+    proxy, store = faulty_gcs
+    store.write_bytes(f"gs://{bucket}/trial/best.pt", b"weights")
+    proxy.fail["/copyTo/"] = [503, 429]
+    store.copy(f"gs://{bucket}/trial/best.pt", f"gs://{bucket}/best/model.pt")
+    assert store.read_bytes(f"gs://{bucket}/best/model.pt") == b"weights"
+    assert sum("/copyTo/" in path for _, path in proxy.requests) == 3
+    with pytest.raises(StorageError, match="no such object"):
+        store.copy(f"gs://{bucket}/trial/missing.pt", f"gs://{bucket}/best/model.pt")
+
+
+@pytest.mark.parametrize("name", ["Bad_Bucket!", "ab", "-starts-with-a-dash", "UPPER", "a" * 64])
+def test_gcs_bucket_names_are_checked_before_any_request(name):
+    """No client is made (no credentials needed) and the library's ValueError never shows."""
+    with pytest.raises(
+        StorageError, match=rf"gs://{re.escape(name)}/x: '{re.escape(name)}' is not a bucket name \(3-63"
+    ):
+        storage.list_files(f"gs://{name}/x")
 
 
 # --- http(s):// ----------------------------------------------------------------------------------
