@@ -55,19 +55,19 @@ def test_a_cluster_without_an_autoscaler_is_what_is_up(two_nodes):
 
 def test_local_storage_is_refused_on_two_nodes(two_nodes, synth_small, tmp_path):
     space, base = load_space(tiny_space(tmp_path, synth_small, name="local"))
-    with pytest.raises(ConfigError, match=r"storage.path = .* is a local folder, but this cluster has more than one"):
+    with pytest.raises(ConfigError, match=r"storage.path = .*: a local path, but this cluster has more than one"):
         run_search(space, base)
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
 def test_local_storage_on_two_nodes_is_accepted_when_marked_shared(two_nodes, tmp_path):
     """storage.shared: true says every node mounts the folder (the README's exception)."""
-    from posetune.cluster.placement import check_storage_reachable, cluster_shape
+    from posetune.cluster.placement import check_paths_shared, cluster_shape
 
-    folder = str(tmp_path / "runs")
-    check_storage_reachable(folder, folder, True, cluster_shape())
+    paths = {"storage.path": str(tmp_path / "runs")}
+    check_paths_shared(paths, True, cluster_shape())
     with pytest.raises(ConfigError, match=r"then set storage\.shared=true"):
-        check_storage_reachable(folder, folder, False, cluster_shape())
+        check_paths_shared(paths, False, cluster_shape())
 
 
 def test_search_in_a_bucket_across_two_nodes(two_nodes, gcs, bucket, synth_small, tmp_path, capsys):

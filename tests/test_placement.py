@@ -159,20 +159,20 @@ def test_the_bootstrap_file_ray_up_leaves_on_the_head_is_read_through_rays_prepa
 
 
 def test_local_inputs_are_refused_on_more_than_one_node_unless_shared(tmp_path):
-    from posetune.cluster.placement import check_inputs_reachable
+    from posetune.cluster.placement import check_paths_shared
 
     weights = str(tmp_path / "vgg16.pth")
     inputs = {"dataset.root": "gs://b/data", "model.pretrained_weights": weights}
     one = ClusterShape(nodes(1, CPU=2))
     two = ClusterShape(nodes(2, CPU=2))
-    check_inputs_reachable(inputs, False, one)  # one node: any path works
-    check_inputs_reachable(inputs, True, two)  # the user says every node mounts it
-    check_inputs_reachable({"dataset.root": "gs://b/data", "model.pretrained_weights": None}, False, two)
+    check_paths_shared(inputs, False, one)  # one node: any path works
+    check_paths_shared(inputs, True, two)  # the user says every node mounts it
+    check_paths_shared({"dataset.root": "gs://b/data", "model.pretrained_weights": None}, False, two)
     with pytest.raises(ConfigError, match=r"model.pretrained_weights = '.*vgg16.pth': a local path, but this cluster"):
-        check_inputs_reachable(inputs, False, two)
+        check_paths_shared(inputs, False, two)
     scaled = ClusterShape(nodes(1, CPU=2), Autoscaler((NodeType("g", {"CPU": 8, "GPU": 1}, 0, 2),), 2, "test"))
     with pytest.raises(ConfigError, match=r"dataset.root = .*then set storage.shared=true"):
-        check_inputs_reachable({"dataset.root": str(tmp_path)}, False, scaled)
+        check_paths_shared({"dataset.root": str(tmp_path)}, False, scaled)
 
 
 def test_the_head_is_not_a_worker_of_its_shape_and_a_cap_of_zero_starts_nothing():

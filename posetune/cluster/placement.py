@@ -258,29 +258,15 @@ def on_shared_filesystem(path: str) -> bool:
     return fstype in SHARED_FILESYSTEMS or fstype.startswith("fuse.")
 
 
-def check_storage_reachable(folder: str, setting: str, shared: bool, cluster: ClusterShape) -> None:
-    """On more than one node every worker writes checkpoints to storage.path (``setting``): a
-    head-local folder would scatter them over the workers' disks."""
-    if not cluster.multi_node or not storage.is_local(folder) or shared:
-        return
-    if on_shared_filesystem(folder):
-        return
-    raise ConfigError(
-        f"storage.path = {setting!r} is a local folder, but this cluster has more than one node "
-        f"({cluster.describe()}) and workers on other nodes cannot write their checkpoints there: "
-        "use a bucket (storage.path=gs://BUCKET/searches) or a filesystem every node mounts "
-        "(then set storage.shared=true)"
-    )
-
-
 def cluster_reachable() -> bool:
     """Whether a Ray cluster is there to join: RAY_ADDRESS, or one running on this node."""
     return bool(os.environ.get("RAY_ADDRESS")) or internals.local_cluster_running()
 
 
-def check_inputs_reachable(paths: dict[str, str | None], shared: bool, cluster: ClusterShape) -> None:
-    """On more than one node a trial's workers read these inputs (config key -> value) on any
-    node: a local path must lie on a filesystem every node mounts (``shared``: the user says so).
+def check_paths_shared(paths: dict[str, str | None], shared: bool, cluster: ClusterShape) -> None:
+    """On more than one node a trial's workers read their inputs and write their checkpoints
+    (config key -> value: dataset.root, model.pretrained_weights, storage.path) on any node: a
+    local path must lie on a filesystem every node mounts (or ``shared``: the user says so).
     Checked before any trial starts, so a search never fails on its first remote worker.
     ``dataset.cache_dir`` is not among them: each node keeps its own cache there."""
     if not cluster.multi_node or shared:
@@ -290,7 +276,7 @@ def check_inputs_reachable(paths: dict[str, str | None], shared: bool, cluster: 
         named = ", ".join(f"{key} = {value!r}" for key, value in local.items())
         raise ConfigError(
             f"{named}: a local path, but this cluster has more than one node ({cluster.describe()}) "
-            "and workers on other nodes cannot read it: put it in a bucket (gs://BUCKET/...) or on a "
+            "and workers on other nodes cannot reach it: use a bucket (gs://BUCKET/...) or a "
             "filesystem every node mounts (then set storage.shared=true)"
         )
 

@@ -258,6 +258,16 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
     return lines
 
 
+def check_paths(space: SearchSpace, base: Config, cluster: ClusterShape) -> None:
+    """Every path a trial reads or writes must reach its workers on every node."""
+    paths = {
+        "storage.path": space.storage.path,
+        "dataset.root": base.dataset.root,
+        "model.pretrained_weights": base.model.pretrained_weights,
+    }
+    placement.check_paths_shared(paths, space.storage.shared, cluster)
+
+
 def plan_search(space: SearchSpace, base: Config) -> list[str]:
     """What `posetune search --dry-run` prints: the resolved space, the trial count and the
     resource plan. On a reachable cluster (RAY_ADDRESS, or one on this node such as a `ray up`
@@ -272,6 +282,7 @@ def plan_search(space: SearchSpace, base: Config) -> list[str]:
     placement.connect_ray()
     try:
         cluster = placement.cluster_shape(space.resources.autoscaler())
+        check_paths(space, base, cluster)  # refused there, so refused here
         return describe_plan(space, base, plan_resources(space, cluster))
     finally:
         if joined:
@@ -303,9 +314,7 @@ def run_search(
     started_ray = placement.connect_ray(space.resources.local_cpus)
     try:
         cluster = placement.cluster_shape(space.resources.autoscaler())
-        placement.check_storage_reachable(folder, space.storage.path, space.storage.shared, cluster)
-        inputs = {"dataset.root": base.dataset.root, "model.pretrained_weights": base.model.pretrained_weights}
-        placement.check_inputs_reachable(inputs, space.storage.shared, cluster)
+        check_paths(space, base, cluster)
         plan = plan_resources(space, cluster)
         for line in describe_plan(space, base, plan):
             log.info(line)
