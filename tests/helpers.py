@@ -135,8 +135,10 @@ class FaultyGCS:
     - `corrupt` (a substring) flips one byte of the body of matching media downloads, leaving
       the object's real CRC32C in x-goog-hash;
     - `pin_generations` answers ?generation=G as GCS does when G is no longer the object's
-      generation (404): the emulator ignores the parameter.
-    `requests` records (method, path) of everything it received."""
+      generation (404): the emulator ignores the parameter;
+    - `media_delay_s` holds each media download that long (so that parallel ones overlap).
+    `requests` records (method, path) of everything it received, `max_in_flight` the most
+    requests it served at once."""
 
     HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
 
@@ -149,14 +151,29 @@ class FaultyGCS:
         self.fail: dict[str, list[int]] = {}
         self.corrupt: str | None = None
         self.pin_generations = False
+        self.media_delay_s = 0.0
         self.requests: list[tuple[str, str]] = []
+        self.in_flight = self.max_in_flight = 0
+        self._lock = threading.Lock()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def _any(self):
-                proxy.requests.append((self.command, self.path))
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path))
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    self._serve()
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+
+            def _serve(self):
+                if "alt=media" in self.path:
+                    time.sleep(proxy.media_delay_s)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status = proxy._planned_failure(self.path)
                 if status is None and proxy.pin_generations:
@@ -187,6 +204,10 @@ class FaultyGCS:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.host = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def media_downloads(self) -> list[str]:
+        """The paths of the object downloads it received, in order."""
+        return [path for method, path in self.requests if method == "GET" and "alt=media" in path]
 
     def _planned_failure(self, path: str) -> int | None:
         for substring, statuses in self.fail.items():

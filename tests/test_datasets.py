@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -10,11 +11,14 @@ import threading
 
 import pytest
 
+from posetune import storage
 from posetune.config import load_config
 from posetune.data.fetch import fetch_dataset
 from posetune.data.loader import load_split
 from posetune.data.tools import push_dataset
 from posetune.errors import DataError, StorageError
+
+from helpers import FaultyGCS
 
 FETCH_MESSAGE = "fetching gs://"
 
@@ -107,3 +111,99 @@ def test_cli_push_check_and_synth_to_a_bucket(gcs, bucket, synth_small, tmp_path
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
     missing = posetune("data", "push", str(tmp_path / "nope"), f"gs://{bucket}/x")
     assert missing.returncode == 2 and "is not a dataset folder" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.fixture
+def front(gcs, monkeypatch):
+    """posetune's gs:// calls go through helpers.FaultyGCS, a front of the emulator that
+    counts and can delay or refuse requests; the tests' own `gcs.client` still goes direct."""
+    proxy = FaultyGCS(gcs.host)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.host)
+    storage._instances.clear()
+    yield proxy
+    storage._instances.clear()  # the next client is made after the variable is restored
+    proxy.close()
+
+
+def fetch_in_another_process(uri: str, cache) -> str:
+    """A trial on this node that fetched the dataset and has ended."""
+    code = "import sys; from posetune.data.fetch import fetch_dataset; print(fetch_dataset(sys.argv[1], sys.argv[2]))"
+    done = subprocess.run([sys.executable, "-c", code, uri, str(cache)], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def rewrite(gcs, bucket: str, prefix: str, append: bytes = b"") -> str:
+    """Rewrite the first capture file under prefix (a new generation; `append` changes its
+    content, still valid JSON); returns its name."""
+    blob = next(b for b in gcs.client.list_blobs(bucket, prefix=prefix) if "/captures_" in b.name)
+    blob.upload_from_string(blob.download_as_bytes() + append)
+    return blob.name
+
+
+def test_a_changed_object_is_the_only_one_fetched_again(front, gcs, bucket, synth_small, tmp_path):
+    """The docs' promise, object by object: a folder dataset downloads in parallel (the
+    library's transfer_manager), a changed object is the one download of the next fetch, a
+    superseded copy is removed once no process reads it and kept while one does."""
+    uri, cache = f"gs://{bucket}/synth", tmp_path / "cache"
+    push_dataset(str(synth_small), uri)
+    objects = len(gcs.names(bucket, "synth/"))
+    front.requests.clear()
+    front.media_delay_s, front.max_in_flight = 0.05, 0
+    first = fetch_in_another_process(uri, cache)
+    assert len(front.media_downloads()) == objects
+    assert front.max_in_flight >= 4, f"at most {front.max_in_flight} downloads at once"
+
+    changed = rewrite(gcs, bucket, "synth/val/")
+    front.requests.clear()
+    second = fetch_dataset(uri, cache)
+    assert [path.split("?")[0].rsplit("/o/", 1)[1] for path in front.media_downloads()] == [changed.replace("/", "%2F")]
+    assert sorted(p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file()) == sorted(
+        [".complete"] + [n.removeprefix("synth/") for n in gcs.names(bucket, "synth/")]
+    )
+    assert not storage.LocalStorage.path(first).exists()  # the first copy's process has ended: removed
+    manifest = json.loads((second / ".complete").read_text())["files"]
+    assert manifest == storage.list_files(uri)
+
+    # This process still reads the second copy: a third version leaves it (and removes a dead
+    # fetch's scratch folder).
+    (second.parent / ".dead.partial").mkdir()
+    rewrite(gcs, bucket, "synth/train/")
+    front.requests.clear()
+    third = fetch_dataset(uri, cache)
+    assert second.is_dir() and third != second and not (second.parent / ".dead.partial").exists()
+    assert len(front.media_downloads()) == 1
+
+
+def test_downloads_are_pinned_to_the_listed_generation(front, gcs, bucket, synth_small, tmp_path, monkeypatch, caplog):
+    """An object rewritten between the listing and its download is not copied under the old
+    listing's version (GCS refuses a generation that is gone; the fetch lists again); a
+    dataset that keeps changing is one DataError."""
+    caplog.set_level(logging.WARNING, logger="posetune.data.fetch")
+    uri, cache = f"gs://{bucket}/synth", tmp_path / "cache"
+    push_dataset(str(synth_small), uri)
+    front.pin_generations = True
+    listed = storage.list_files
+    rewrites = {"left": 1}
+    changed: list[str] = []
+
+    def list_then_rewrite(where):
+        files = listed(where)
+        if rewrites["left"]:  # a `data push --overwrite` writes right after the listing
+            rewrites["left"] -= 1
+            changed.append(rewrite(gcs, bucket, "synth/val/", b"\n" * (len(changed) + 1)))
+        return files
+
+    monkeypatch.setattr(storage, "list_files", list_then_rewrite)
+    local = fetch_dataset(uri, cache)
+    assert "changed while it was fetched" in caplog.text
+    new = gcs.client.bucket(bucket).blob(changed[0]).download_as_bytes()
+    assert (local / changed[0].removeprefix("synth/")).read_bytes() == new  # the copy holds what it is keyed by
+    manifest = json.loads((local / ".complete").read_text())["files"]
+    assert manifest == listed(uri)
+    front.requests.clear()
+    assert fetch_dataset(uri, cache) == local and front.media_downloads() == []  # consistent: nothing to fetch
+
+    rewrite(gcs, bucket, "synth/val/")  # the copy is out of date, and the object keeps changing after each listing
+    rewrites["left"] = 99
+    with pytest.raises(DataError, match=rf"dataset.root {uri} kept changing while it was fetched \(3 listings\)"):
+        fetch_dataset(uri, cache)

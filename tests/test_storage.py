@@ -326,6 +326,23 @@ def test_malformed_sha256_is_refused_before_downloading(http_server, tmp_path):
     assert _Files.requests == []  # nothing was asked of the server
 
 
+def test_https_dataset_is_fetched_once_per_url(http_server, synth_small, tmp_path):
+    """What the docs promise for https:// datasets: one download per URL and node, however the
+    server's file changes (a server gives no version to compare); a new URL is a new fetch."""
+    from posetune.data.fetch import fetch_dataset
+    from posetune.data.tools import zip_folder
+
+    url, files = http_server
+    zip_folder(synth_small, ["train", "val"], tmp_path / "d.zip")
+    files["/v1/d.zip"] = files["/v2/d.zip"] = (tmp_path / "d.zip").read_bytes()
+    local = fetch_dataset(f"{url}/v1/d.zip", tmp_path / "cache")
+    assert local.name == "d.zip" and local.read_bytes() == files["/v1/d.zip"]
+    files["/v1/d.zip"] = b"changed on the server"
+    assert fetch_dataset(f"{url}/v1/d.zip", tmp_path / "cache") == local
+    assert local.read_bytes() == files["/v2/d.zip"] and _Files.requests == ["/v1/d.zip"]
+    assert fetch_dataset(f"{url}/v2/d.zip", tmp_path / "cache") != local and _Files.requests[-1] == "/v2/d.zip"
+
+
 def test_cli_refuses_a_malformed_sha256_before_downloading(http_server, tmp_path):
     url, files = http_server
     files["/m.pt"] = b"not even a checkpoint"
