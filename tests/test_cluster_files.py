@@ -390,6 +390,20 @@ def test_not_a_cluster_file(tmp_path, capsys):
     assert "neither a Ray cluster-launcher file" in capsys.readouterr().err
 
 
+def test_a_yaml_syntax_error_is_one_line(tmp_path):
+    """Found by trying posetune as a new user: a broken file was a yaml traceback, exit 1."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("provider:\n  type: gcp\n  region: [us-central1\nmax_workers: 2\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "posetune", "cluster", "check", str(path)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"posetune: error: {path}: line 4, column 12: invalid YAML (")
+    assert "a cluster file is one YAML mapping (cluster/gcp.yaml)" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml"]
+
+
 # --- MLflow on the head ------------------------------------------------------------------------
 
 

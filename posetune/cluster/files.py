@@ -78,7 +78,17 @@ CONSTRAINTS_HEADER = """\
 def check_cluster_file(path: str) -> str:
     """Check a cluster file; return what it describes, or raise one ConfigError listing every
     problem."""
-    documents = [d for d in yaml.safe_load_all(storage.read_text(path)) if d is not None]
+    text = storage.read_text(path)
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:  # the parser's own message is several lines, with a caret
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"{path}:{where} invalid YAML ({problem}): a cluster file is one YAML mapping "
+            "(cluster/gcp.yaml) or YAML documents holding a RayJob (cluster/kuberay.yaml)"
+        ) from None
     jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == "RayJob"]
     data = jobs[0] if jobs else (documents[0] if len(documents) == 1 else None)
     if not isinstance(data, dict):
