@@ -127,8 +127,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def _push(source: str, destination: str, label: str, overwrite: bool, shown: str | None = None) -> None:
     from posetune import storage
-    from posetune.data.tools import folder_size, present_splits, push_dataset
+    from posetune.data.tools import check_push_destination, folder_size, present_splits, push_dataset
 
+    check_push_destination(destination)  # before the progress bar is drawn
     root = storage.local_path(source, "SRC")
     total = folder_size(root, present_splits(root)) if root.is_dir() else 0
     with _progress_bar(total, "B", f"uploading to {destination}") as bar:

@@ -133,6 +133,43 @@ def test_user_errors_leave_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["data", "check", "gs://Bad_Bucket!/x"], ["gs://Bad_Bucket!/x: 'Bad_Bucket!' is not a bucket name (3-63"]),
+        (
+            ["predict", "--model", "models:/nosuch-model/latest", "x.png"],
+            ["cannot load models:/nosuch-model/latest: there is no MLflow store at sqlite:///", "--tracking-uri"],
+        ),
+        (
+            ["data", "push", "{data}", "not-a-bucket"],
+            ["DEST not-a-bucket is not a bucket location: push uploads to gs://BUCKET/PATH/ or gs://BUCKET/PATH.zip"],
+        ),
+        (["data", "push", "{data}", "gs:/typo/x"], ["DEST gs:/typo/x is not a bucket location"]),
+    ],
+    ids=["bad-bucket-name", "model-without-a-store", "push-to-a-folder", "push-to-a-typo"],
+)
+def test_bad_inputs_a_new_user_tried(args, fragments, synth_small, tmp_path, monkeypatch):
+    """Issue 18's bad inputs: one line naming the input and what is allowed, exit code 2, no
+    traceback, nothing written (no cache folder, no runs/mlflow.db, no local 'upload')."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the embedded store in ./runs, as a user has it
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = posetune(
+        *(str(synth_small) if a == "{data}" else a for a in args),
+        cwd=work,
+        env={"XDG_CACHE_HOME": str(tmp_path / "xdg")},
+    )
+    assert_user_error(proc, *fragments)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert list(work.iterdir()) == [] and not (tmp_path / "xdg").exists()
+
+
+def test_data_push_help_says_dest_is_a_bucket():
+    help_text = " ".join(posetune("data", "push", "--help").stdout.split())
+    assert "DEST gs://BUCKET/PATH/ or gs://BUCKET/PATH.zip" in help_text
+
+
 def test_experiments_open_on_the_runs_table(tmp_path):
     from mlflow import MlflowClient
 

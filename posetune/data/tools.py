@@ -41,9 +41,10 @@ def push_dataset(
     overwrite: bool = False,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, PoseIndex], int]:
-    """Validate a local dataset folder, then upload it: as a folder of split folders, or zipped
-    first when the destination ends in .zip. Returns (the checked splits, bytes uploaded).
-    Nothing is uploaded unless every split reads cleanly."""
+    """Validate a local dataset folder, then upload it to a bucket: as a folder of split
+    folders, or zipped first when the destination ends in .zip. Returns (the checked splits,
+    bytes uploaded). Nothing is uploaded unless every split reads cleanly."""
+    check_push_destination(destination)
     root = storage.local_path(source, "the dataset to push")
     if not root.is_dir():
         raise DataError(f"{root} is not a dataset folder (it must hold train/ and val/ split folders)")
@@ -68,6 +69,16 @@ def push_dataset(
     for split in splits:
         sent += storage.upload_tree(root / split, storage.join(destination, split), on_progress)
     return indexes, sent
+
+
+def check_push_destination(destination: str) -> None:
+    """`push` is the upload to a bucket: a local DEST (or a typo such as gs:/b/x, which is a
+    local path) would quietly make a local folder, and https:// is read only."""
+    if storage.is_local(destination) or storage.backend(destination).read_only:
+        raise StorageError(
+            f"DEST {destination} is not a bucket location: push uploads to gs://BUCKET/PATH/ or "
+            "gs://BUCKET/PATH.zip (to copy a dataset locally, use cp -r)"
+        )
 
 
 def check_synthesis(root: str, splits: dict[str, int], overwrite: bool = False) -> None:

@@ -57,6 +57,12 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None):
     from posetune.config import config_from_dict
 
     uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        # MLflow would create the database (and its folder) just to find nothing in it.
+        raise PosetuneError(
+            f"cannot load {model_uri}: there is no MLflow store at {uri} yet (no model was ever registered "
+            "there); pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store that holds it"
+        )
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
