@@ -99,11 +99,15 @@ class FakeCluster:
 
     def start(self) -> None:
         from ray._private.services import find_gcs_addresses
+        from ray._private.services import get_node_ip_address as node_ip_address
 
         # A Ray instance of an earlier test may still be exiting, and Ray caches the addresses it
         # found: wait for none, forget them, and give the head a port of its own.
         wait_for(lambda: not ray_processes(), 60, "an earlier test's Ray processes to exit")
         find_gcs_addresses.cache_clear()
+        port = free_port()
+        # The fake provider's nodes join the GCS at gcs_address (default: port 6379).
+        self.config["provider"] = {**self.config["provider"], "gcs_address": f"{node_ip_address()}:{port}"}
         config_file = self.home / "ray_bootstrap_config.yaml"  # as `ray up` leaves it on the head
         config_file.write_text(yaml.safe_dump(self.config))
         head = self.config["available_node_types"][FAKE_HEAD]["resources"]
@@ -111,7 +115,7 @@ class FakeCluster:
         command = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
             f"--autoscaling-config={config_file}", f"--num-cpus={head['CPU']:g}", "--num-gpus=0",
-            f"--port={free_port()}",
+            f"--port={port}",
             "--resources", json.dumps(custom), f"--object-store-memory={OBJECT_STORE}",
         ]  # fmt: skip
         started = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=120)
@@ -286,7 +290,8 @@ def test_a_search_scales_workers_up_from_zero_and_back(cpu_cluster, fake_home, b
     log = (tmp_path / "search.txt").read_text()
     assert driver.returncode == 0, log[-3000:]
     assert seen == {"cpu_worker"}, seen
-    assert "autoscaler: cpu_worker x0-2 {CPU: 1}" in log and "ray_bootstrap_config.yaml" in log
+    assert "autoscaler: cpu_worker x0-2 {CPU: 1, object_store_memory: 0.0977 GiB}" in log
+    assert "ray_bootstrap_config.yaml" in log
 
     folder = f"gs://{bucket}/searches/zero"
     results = json.loads(storage.read_text(f"{folder}/results.json"))["trials"]
@@ -325,13 +330,16 @@ def test_a_search_scales_workers_up_from_zero_and_back(cpu_cluster, fake_home, b
     wait_for(lambda: cpu_cluster.worker_types_up() == [], 300, "the autoscaler to remove the idle workers")
 
 
-def raylet_of(node_id: str):
-    """The raylet process of a (simulated) node: killing it is the node's sudden death."""
+def kill_node(node_id: str) -> None:
+    """A simulated node's sudden death, as a reclaimed VM's: its raylet and every process it
+    started (the workers; killing the raylet alone leaves them training)."""
     import psutil
 
     for process in psutil.process_iter(["cmdline"]):
         if f"--node_id={node_id}" in (process.info["cmdline"] or []):
-            return process
+            for member in [*process.children(recursive=True), process]:
+                member.kill()
+            return
     raise AssertionError(f"no raylet for node {node_id}")
 
 
@@ -362,7 +370,9 @@ def test_preempted_workers_cost_no_finished_work_however_often(cpu_cluster, fake
             before = samples()
             wait_for(lambda before=before: samples() > before, 300, "a new checkpointed result")
             reached.append(samples())
-            (worker,) = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            (worker,) = [w for w in workers if w.node_id in alive]
             # The GCS call `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` makes (the CLI,
             # run from this test's process tree, failed with "GRPC client is shut down"; it was
             # checked by hand on a two-node cluster), through this driver's GCS client.
@@ -374,7 +384,7 @@ def test_preempted_workers_cost_no_finished_work_however_often(cpu_cluster, fake
             )
             assert accepted, why
             time.sleep(2)
-            raylet_of(worker.node_id).kill()
+            kill_node(worker.node_id)
         driver.wait(timeout=600)
     finally:
         if driver.poll() is None:

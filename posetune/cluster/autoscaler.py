@@ -143,7 +143,14 @@ def find_autoscaler(explicit: Autoscaler | None = None) -> Autoscaler | None:
     return None
 
 
+MEMORY_RESOURCES = ("memory", "object_store_memory")  # bytes
+
+
 def format_resources(resources: dict[str, float]) -> str:
-    """{CPU: 8, GPU: 1} and custom resources, without Ray's node:... ones or zeros."""
-    shown = {k: v for k, v in resources.items() if k in ("CPU", "GPU") or not k.startswith("node:")}
-    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items()) if not math.isclose(v, 0)) + "}"
+    """{CPU: 8, GPU: 1, memory: 30 GiB} and custom resources, without Ray's node:... ones or zeros."""
+    shown = {k: v for k, v in resources.items() if not k.startswith("node:") and not math.isclose(v, 0)}
+    return "{" + ", ".join(f"{k}: {_amount(k, v)}" for k, v in sorted(shown.items())) + "}"
+
+
+def _amount(key: str, value: float) -> str:
+    return f"{value / 2**30:.3g} GiB" if key in MEMORY_RESOURCES else f"{value:g}"
