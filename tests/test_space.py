@@ -133,11 +133,6 @@ def test_overrides_and_name_apply_to_the_space_and_its_base_config(tmp_path):
         pytest.param(
             {"resources/prices": {"GPU": -1}},
             r"resources\.prices\.GPU = -1: input should be greater than or equal to 0",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="issue 18: a negative price is accepted; the fix is one line in posetune/search/space.py "
-                "(prices: dict[Literal['CPU', 'GPU'], Annotated[float, Field(ge=0)]]), left to its owner",
-            ),
             id="negative-price",
         ),
         (

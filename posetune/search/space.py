@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -153,7 +153,7 @@ class Resources(_Strict):
     local_cpus: int | None = Field(None, gt=0)  # CPUs of a Ray instance posetune starts itself; None = all
     # Price of one resource-hour ({GPU: 0.85, CPU: 0.035}, in your currency): the summary,
     # results.json and MLflow then report what the trials' workers cost, not only how long.
-    prices: dict[Literal["CPU", "GPU"], float] = Field(default_factory=dict)
+    prices: dict[Literal["CPU", "GPU"], Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     # The node types an autoscaler may start, when posetune cannot read them from the cluster
     # (see posetune/cluster/autoscaler.py for where it looks), and the cluster-wide cap on workers.
     node_types: dict[str, NodeTypeSpec] = Field(default_factory=dict)
