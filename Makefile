@@ -23,13 +23,13 @@ train-demo: $(STAMP)
 	$(BIN)/posetune train --config configs/quick.yaml dataset.root=data/quick system.out_dir=runs/quick-$$(date +%Y%m%d-%H%M%S)
 	$(BIN)/posetune evaluate --checkpoint $$(ls -td runs/quick-*/ | head -1)checkpoints/best.pt
 
-# Everything, Ray, servers and slow tests included (what CI runs); the 25 slowest listed at the end.
+# Everything, Ray, servers, slow and autoscaler tests included (what CI runs); the 25 slowest
+# listed at the end. Two pytest-xdist workers: every Ray test on one, one after another, the rest
+# on both (tests/conftest.py puts the Ray tests in one xdist group).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 -m "not autoscaler"
+	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadgroup
 
-# The search on Ray's own autoscaler with simulated nodes (tests/test_autoscaler.py, ~8 min). They
-# pass run on their own; after other Ray tests in the same pytest process some still fail (not yet
-# understood), so CI's `make test` leaves them out until that is fixed.
+# The search on Ray's own autoscaler with simulated nodes alone (tests/test_autoscaler.py, ~7 min).
 test-autoscaler: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10 tests/test_autoscaler.py
 

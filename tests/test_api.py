@@ -36,14 +36,14 @@ def test_the_readme_snippet_runs_a_tracked_search(synth_small, tmp_path, monkeyp
     code = readme_snippet()
     assert '"search_spaces/quick.yaml"' in code and '"search.num_samples=4"' in code
     code = code.replace('"search_spaces/quick.yaml"', repr(str(space_file)))
-    code = code.replace('"search.num_samples=4"', '"search.num_samples=3"')  # a shorter search, same calls
+    code = code.replace('"search.num_samples=4"', '"search.num_samples=2"')  # a shorter search, same calls
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
 
     summary, run = namespace["summary"], namespace["run"]
     out = capsys.readouterr().out
     assert "dry run" not in out and "search space (2 parameters):" in out  # plan_search's lines
-    assert f"3 trials in {summary.seconds / 60:.1f} min" in out  # summary_lines
+    assert f"2 trials in {summary.seconds / 60:.1f} min" in out  # summary_lines
     assert summary.counts[Outcome.FAILED] == 0 and summary.best is not None
     assert out.strip().splitlines()[-1].startswith(summary.best.id)
     assert run.uri == uri and run.unlogged == []

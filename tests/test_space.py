@@ -188,6 +188,7 @@ def test_accumulation_is_derived_inside_the_bounds(effective, batch, workers, ex
     assert 16 <= steps * batch * workers <= 100 or steps == 1
 
 
+@pytest.mark.ray  # starts no Ray, but plans for a Ray cluster running on this node if there is one
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     import subprocess
     import sys

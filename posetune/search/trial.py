@@ -27,7 +27,6 @@ from posetune.choices import diverged_result
 from posetune.cluster.placement import ResourcePlan
 from posetune.config import Config, config_from_dict
 from posetune.search.space import SearchSpace, eval_milestone, trial_config
-from posetune.train.loop import TrainingDiverged, fit
 
 WORKER_RESTARTS = 2  # per trial, from the latest checkpoint
 CONTROLLER_RETRIES = 2  # worker-group start failures (e.g. resources never free) before giving up
@@ -122,6 +121,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: fit() on this rank, reporting every evaluation to Ray."""
     import ray.train
     import ray.train.torch
+
+    # Imported here, not at the top: the trial driver and Train's controller load this module
+    # too, and neither trains (torchvision alone is ~1.5 s of every trial's start on 2 cores).
+    from posetune.train.loop import TrainingDiverged, fit
 
     # The driver prints progress. Ray Train logs every report at INFO through a logger named
     # after its source file, which its LoggingConfig does not reach: quiet the root logger.
