@@ -38,16 +38,17 @@ METRIC_NAMES = (
     "pose_error",
 )
 HIGHER_IS_BETTER = frozenset({"within_2cm_5deg", "within_5cm_10deg"})
-# What a diverged trial reports for the search metric (negated for a metric to maximise):
-# finite, so that ASHA's rung cut-offs (quantiles of reported values) stay numbers, and worse
-# than any real score.
+# What Optuna is told for a diverged trial (negated for a metric to maximise): finite, since
+# TPE sorts on it, and worse than any real score (posetune.search.searchers).
 DIVERGED_SCORE = 1e9
 
 
-def diverged_result(metric: str, mode: str, error: str | None, samples_seen: int) -> dict[str, object]:
-    """What a diverged trial reports to Tune (and re-reports after a resume): its worst score."""
-    worst = -DIVERGED_SCORE if mode == "max" else DIVERGED_SCORE
-    return {"diverged": 1, "error": error, metric: worst, "samples_seen": samples_seen}
+def diverged_result(metric: str, error: str | None, samples_seen: int) -> dict[str, object]:
+    """What a diverged trial reports to Tune (and re-reports after a resume): NaN for the
+    metric. ASHA's rung cut-offs are NaN-ignoring quantiles, so the rung is judged on the
+    trials that trained; a finite "worst score" there would drag a quantile of two results
+    half-way to it and stop nothing at that rung again."""
+    return {"diverged": 1, "error": error, metric: math.nan, "samples_seen": samples_seen}
 
 
 def metric_mode(name: str) -> str:

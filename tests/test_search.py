@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import subprocess
@@ -185,7 +186,7 @@ def test_two_worker_trial_trains_with_ddp(ray_cluster, synth_small, tmp_path):
     assert exported.checkpoint.monitor == space.search.metric  # best.pt is chosen by the search's metric
 
 
-def test_a_diverged_trial_ends_diverged_with_a_finite_worst_score(ray_cluster, synth_small, tmp_path):
+def test_a_diverged_trial_ends_diverged_and_is_never_the_best(ray_cluster, synth_small, tmp_path):
     path = tiny_space(
         tmp_path,
         synth_small,
@@ -199,14 +200,16 @@ def test_a_diverged_trial_ends_diverged_with_a_finite_worst_score(ray_cluster, s
     (record,) = read_results(tmp_path, "nan")
     assert record["status"] == "diverged" and "lower optimizer.lr" in record["error"], record
     assert summary.counts[Outcome.DIVERGED] == 1
-    # ASHA saw a finite worst score, never inf or NaN.
+    # A diverged trial is never the search's best: nothing is exported from it.
+    assert summary.best is None and not (tmp_path / "runs" / "nan" / "best_config.yaml").exists()
+    # ASHA saw NaN (its cut-offs ignore it: tests/test_searchers.py).
     trial_dir = next((tmp_path / "runs" / "nan" / "tune").glob("trial-*"))
     last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
-    assert last["diverged"] == 1 and last["pose_error"] == DIVERGED_SCORE
-    # Optuna was told PRUNED, with that score at the step the trial diverged.
+    assert last["diverged"] == 1 and math.isnan(last["pose_error"])
+    # Optuna was told PRUNED with the worst score at step 0: below every stopped trial.
     state_file = next((tmp_path / "runs" / "nan" / "tune").glob("searcher-state-*.pkl"))
     (told,) = pickle.loads(state_file.read_bytes())["_ot_study"].trials
-    assert told.state.name == "PRUNED" and told.intermediate_values == {last["samples_seen"]: DIVERGED_SCORE}
+    assert told.state.name == "PRUNED" and told.intermediate_values == {0: DIVERGED_SCORE}
 
 
 def test_worker_killed_mid_trial_resumes_from_its_checkpoint(ray_cluster, synth_small, tmp_path):

@@ -51,3 +51,50 @@ def test_tpe_proposes_most_of_the_quick_search():
     # Trial 0 is the initial point (no sampling); trial 1 is TPE's second start-up trial; the
     # other six are TPE's own proposals, which never fall back to random draws.
     assert random_trials == {1}, sorted(random_trials)
+
+
+def test_a_diverged_trial_leaves_ashas_cut_off_to_the_trials_that_trained():
+    """One normal and one diverged result at a rung: a later, worse trial is stopped there.
+    (With a finite "worst score" for the diverged one the cut-off was half-way to it, about
+    -5e8, and nothing was ever stopped at that rung again.)"""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from posetune.choices import diverged_result
+    from posetune.search.searchers import build_scheduler
+
+    space, _ = load_space("search_spaces/quick.yaml")
+    rung = space.search.asha.grace_samples
+    scheduler = build_scheduler(space)
+    scheduler.set_search_properties(space.search.metric, space.search.resolved_mode)  # as Tune does
+    trials = [SimpleNamespace(trial_id=name) for name in ("good", "diverged", "worse")]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    good = scheduler.on_trial_result(None, trials[0], {"pose_error": 10.0, "samples_seen": rung})
+    scheduler.on_trial_result(None, trials[1], diverged_result("pose_error", "loss is nan", rung))
+    worse = scheduler.on_trial_result(None, trials[2], {"pose_error": 20.0, "samples_seen": rung})
+    assert good == TrialScheduler.CONTINUE and worse == TrialScheduler.STOP
+
+
+def test_a_diverged_trial_ranks_below_every_stopped_trial_in_optuna():
+    """TPE ranks pruned trials by their last step first: a trial that diverged late is told
+    PRUNED with only the worst score at step 0, below one stopped at the first rung; a stopped
+    trial's curve reaches Optuna whole, once per step."""
+    from posetune.choices import DIVERGED_SCORE, diverged_result
+
+    space, _ = load_space("search_spaces/quick.yaml")
+    step, budget = 4000, space.search.asha.max_samples  # quick.yaml evaluates every 4,000 samples
+    searcher = build_searcher(space)
+    for name in ("stopped", "diverged"):
+        searcher.suggest(name)
+    searcher.on_trial_result("stopped", {"pose_error": 15.0, "samples_seen": step})
+    searcher.on_trial_result("stopped", {"pose_error": 15.0, "samples_seen": step})  # re-reported after a resume
+    searcher.on_trial_complete("stopped", {"pose_error": 14.0, "samples_seen": 2 * step})
+    for k in range(1, budget // step):
+        searcher.on_trial_result("diverged", {"pose_error": 12.0, "samples_seen": k * step})
+    searcher.on_trial_complete("diverged", diverged_result("pose_error", "loss is nan", budget - 1))
+    stopped, diverged = searcher._ot_study.trials
+    assert stopped.state.name == diverged.state.name == "PRUNED"
+    assert stopped.intermediate_values == {step: 15.0, 2 * step: 14.0}
+    assert diverged.intermediate_values == {0: DIVERGED_SCORE}

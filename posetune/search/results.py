@@ -64,7 +64,7 @@ class SearchSummary:
 
     @property
     def best(self) -> TrialRecord | None:
-        return self.records[0] if self.records and self.records[0].best_metrics else None
+        return self.records[0] if self.records and is_best_candidate(self.records[0]) else None
 
 
 # --- Records ------------------------------------------------------------------------------------
@@ -93,14 +93,24 @@ class TrialRecord:
 
 
 def rank(records: list[TrialRecord], metric: str, mode: str) -> list[TrialRecord]:
-    """Best first (by each trial's best evaluation); trials without a score last, in order."""
+    """Best first (by each trial's best evaluation); then diverged trials the same way (a
+    config that diverged is never the search's best: its best_config.yaml would reproduce a
+    diverging run); trials without a score last, in order."""
 
     def order(a: TrialRecord, b: TrialRecord) -> int:
         x, y = a.best_metrics[metric], b.best_metrics[metric]
         return -1 if better(x, y, mode) else 1 if better(y, x, mode) else 0
 
-    scored = sorted((r for r in records if metric in r.best_metrics), key=cmp_to_key(order))
-    return scored + [r for r in records if metric not in r.best_metrics]
+    def scored(diverged: bool) -> list[TrialRecord]:
+        group = [r for r in records if metric in r.best_metrics and (r.status is Outcome.DIVERGED) == diverged]
+        return sorted(group, key=cmp_to_key(order))
+
+    return scored(False) + scored(True) + [r for r in records if metric not in r.best_metrics]
+
+
+def is_best_candidate(record: TrialRecord) -> bool:
+    """Whether a trial can be the search's best: it has a score and did not diverge."""
+    return bool(record.best_metrics) and record.status is not Outcome.DIVERGED
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,7 @@ class SearchResults:
 
     def best(self) -> TrialRecord | None:
         ranked = self.ranked()
-        return ranked[0] if ranked and ranked[0].best_metrics else None
+        return ranked[0] if ranked and is_best_candidate(ranked[0]) else None
 
     def counts(self) -> dict[Outcome, int]:
         return count(list(self.records.values()))
@@ -197,7 +207,7 @@ class SearchResults:
             if record.status in (Outcome.COMPLETED, Outcome.STOPPED_EARLY):
                 final[record.id] = {**record.metrics, "samples_seen": record.samples_seen}
             elif record.status is Outcome.DIVERGED:
-                final[record.id] = diverged_result(self.metric, self.mode, record.error, record.samples_seen)
+                final[record.id] = diverged_result(self.metric, record.error, record.samples_seen)
         return final
 
     def compute(self) -> Compute:

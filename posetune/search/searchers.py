@@ -17,6 +17,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from posetune import internals
+from posetune.choices import DIVERGED_SCORE
 from posetune.search.space import DefineByRun, SearchSettings, SearchSpace
 
 # search.searcher: the Optuna sampler, made from the search's settings. Its names are
@@ -45,42 +46,55 @@ def list_samplers() -> list[str]:
 class BudgetAwareOptunaSearch(OptunaSearch):
     """Ray's OptunaSearch, made to match an ASHA budget in samples seen.
 
-    - Intermediate values are reported at step = samples seen: Tune's training_iteration
-      restarts at 1 after a resume and means different compute for different batch sizes.
-    - A trial that ends before the budget (stopped by ASHA) or diverged is told as PRUNED.
-      Ray tells it COMPLETE with its partial score, so TPE would learn from under-trained
-      values as if they were final; Optuna's TPE ranks pruned trials below complete ones,
-      by how far they got and then by their last value. A diverged trial's last value is the
-      worst score (choices.DIVERGED_SCORE) at the step it diverged: its region of the space
-      counts as bad, but no worse than a trial stopped earlier, which proved even less.
+    - Intermediate values are at step = samples seen: Tune's training_iteration restarts at 1
+      after a resume and means different compute for different batch sizes. They are kept
+      here while a trial runs and given to Optuna when it ends (TPE reads only ended trials).
+    - A trial that ends before the budget (stopped by ASHA) is told as PRUNED. Ray tells it
+      COMPLETE with its partial score, so TPE would learn from under-trained values as if they
+      were final; Optuna's TPE ranks pruned trials below complete ones, by how far they got
+      (their last step) and then by their last value.
+    - A diverged trial is told as PRUNED with one value, the worst score
+      (choices.DIVERGED_SCORE), at step 0: its region of the space counts as bad, and it ranks
+      below every trial that was stopped with a real score, however late it diverged.
     """
 
     def __init__(self, *args, budget: int, **kwargs):
         super().__init__(*args, **kwargs)
         self._budget = budget
-        self._reported: dict[str, set[int]] = {}  # steps already reported, per trial
+        self._curves: dict[str, dict[int, float]] = {}  # trial id -> {samples seen: metric}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id not in internals.searcher_told(self):
-            self._report(trial_id, result)
-
-    def _report(self, trial_id: str, result: dict) -> None:
         step = result.get("samples_seen")
-        if step is None or self.metric not in result:  # a diverged trial's result holds its worst score
+        if result.get("diverged") or step is None or self.metric not in result:
             return
-        if step not in self._reported.setdefault(trial_id, set()):
-            self._reported[trial_id].add(step)
-            internals.searcher_trial(self, trial_id).report(result[self.metric], step)
+        # The first value at a step stays: a trial re-reported at its last checkpoint after a
+        # resume repeats its step.
+        self._curve(trial_id).setdefault(int(step), float(result[self.metric]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        partial = result and (result.get("diverged") or result.get("samples_seen", 0) < self._budget)
-        if error or not partial or trial_id in internals.searcher_told(self):
+        told = internals.searcher_told(self)
+        if trial_id in told:
             super().on_trial_complete(trial_id, result, error)
             return
-        # The result ASHA stopped the trial on arrives here, not through on_trial_result.
-        self._report(trial_id, result)
-        internals.searcher_study(self).tell(internals.searcher_trial(self, trial_id), state=TrialState.PRUNED)
-        internals.searcher_told(self).add(trial_id)
+        if result and not error:  # ASHA's stopping result arrives here, not through on_trial_result
+            self.on_trial_result(trial_id, result)
+        trial = internals.searcher_trial(self, trial_id)
+        if result and result.get("diverged"):
+            worst = -DIVERGED_SCORE if self.mode == "max" else DIVERGED_SCORE
+            trial.report(worst, 0)
+        else:
+            for step, value in sorted(self._curve(trial_id).items()):
+                trial.report(value, step)
+        stopped = bool(result) and result.get("samples_seen", 0) < self._budget
+        if error or not result or not (result.get("diverged") or stopped):
+            super().on_trial_complete(trial_id, result, error)
+            return
+        internals.searcher_study(self).tell(trial, state=TrialState.PRUNED)
+        told.add(trial_id)
+
+    def _curve(self, trial_id: str) -> dict[int, float]:
+        # A searcher state saved before _curves existed is restored into __dict__ without it.
+        return self.__dict__.setdefault("_curves", {}).setdefault(trial_id, {})
 
 
 def build_searcher(space: SearchSpace) -> BudgetAwareOptunaSearch:

@@ -93,7 +93,6 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         train_loop_config={
             "config": cfg.to_dict(),
             "metric": setup.space.search.metric,
-            "mode": setup.space.search.resolved_mode,
             "train_storage": setup.train_storage,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -177,9 +176,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(last, checkpoint=attached)
     except TrainingDiverged as exc:
         # Every rank detects divergence at the same step (it is all-reduced), so every rank
-        # reports once more: ASHA gets the worst score, the searcher tells Optuna PRUNED with
-        # that score at the step it diverged (posetune.search.searchers), and the trial ends diverged.
-        ray.train.report(diverged_result(loop_config["metric"], loop_config["mode"], str(exc), exc.samples_seen))
+        # reports once more: ASHA gets NaN (ignored by its cut-offs), the searcher tells Optuna
+        # PRUNED with the worst score (posetune.search.searchers), and the trial ends diverged.
+        ray.train.report(diverged_result(loop_config["metric"], str(exc), exc.samples_seen))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
