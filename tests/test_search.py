@@ -67,6 +67,10 @@ def search(ray_cluster, synth_small, tmp_path_factory):
         **{"parameters__train.batch_size": {"distribution": "choice", "values": [16, 32]}},
     )
     space, base = load_space(path)
+    # What a search killed before Tune's first snapshot leaves: a results.json, no tune/ state.
+    ghost = {"trials": [{"id": "ghost", "params": {}, "status": "running"}]}
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    (tmp_path / "runs" / "t" / "results.json").write_text(json.dumps(ghost))
     logger, progress = logging.getLogger("posetune"), _Lines()
     level = logger.level
     logger.setLevel(logging.INFO)
@@ -96,6 +100,12 @@ def test_every_trial_completes_or_is_stopped_early_with_its_metrics(search):
         assert r["samples_seen"] >= 64 and "pose_error" in r["metrics"] and "orientation_error_deg" in r["metrics"]
         assert (r["status"] == "completed") == (r["samples_seen"] == 256)
     assert {r["params"]["train.batch_size"] for r in search.records} == {16, 32}
+
+
+def test_a_killed_searchs_stale_results_are_not_merged_into_a_new_one(search):
+    """The fixture's folder held the results.json of a search killed before Tune's first
+    snapshot: its "running" ghost neither shows up nor makes the new search "interrupted"."""
+    assert "ghost" not in {r["id"] for r in search.records} and not search.summary.interrupted
 
 
 def test_every_batch_size_reports_at_the_same_milestones_and_is_stopped_at_a_rung(search):

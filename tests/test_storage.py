@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import os
 import re
 import socket
@@ -372,3 +373,32 @@ def test_cli_refuses_a_checkpoint_whose_sha256_differs(http_server, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "does not match the expected abab" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_results_json_in_a_failing_bucket_never_stops_the_search(faulty_gcs, bucket, monkeypatch):
+    """Every event returns at once while the bucket refuses writes; the end says results.json
+    is behind, and why; once writes work again the file holds the last state."""
+    from posetune.search.results import Outcome, SearchResults, TrialEnded, TrialReported, TrialStarted
+
+    proxy, store = faulty_gcs
+    monkeypatch.setitem(storage._instances, "gs", store)  # the module's functions go through the front
+    monkeypatch.setattr("posetune.search.results.ENDED_WRITE_WAIT_S", 0.5)
+    uri = f"gs://{bucket}/searches/s/results.json"
+    results = SearchResults(uri, "pose_error", "min", {})
+    proxy.fail["uploadType"] = [403] * 1000  # every upload refused, a permanent error (not retried by the library)
+    params = {"optimizer.lr": 1e-3}
+    start = time.monotonic()
+    results.on_event(TrialStarted("a", params, None))
+    for samples in range(96, 960, 96):  # a burst of reports
+        results.on_event(TrialReported("a", params, samples, {"pose_error": 10.0 - samples / 96}, None))
+    results.on_event(TrialEnded("a", params, Outcome.COMPLETED, 864, None, None, {}))
+    assert time.monotonic() - start < 5  # nothing waited on the bucket (the end: at most 0.5 s)
+    problem = results.flush(timeout=2)
+    assert problem and "403" in problem, problem
+    assert not store.exists(uri)
+    proxy.fail.clear()
+    assert results.flush(timeout=60) is None
+    (record,) = json.loads(store.read_bytes(uri))["trials"]
+    assert record["status"] == "completed" and record["samples_seen"] == 864
+    uploads = [path for method, path in proxy.requests if "uploadType" in path]
+    assert len(uploads) < 12  # the burst collapsed into a few writes, not one per event

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cmp_to_key
@@ -149,17 +150,85 @@ def count(records: list[TrialRecord]) -> dict[Outcome, int]:
 # --- results.json: a listener -------------------------------------------------------------------
 
 
-class SearchResults:
-    """Keeps one record per trial, rewrites results.json atomically on every change and logs
-    one progress line per event."""
+ENDED_WRITE_WAIT_S = 10.0  # how long a trial's end waits for results.json (never for ever)
 
-    def __init__(self, path: str, metric: str, mode: str, prices: dict[str, float]):
+
+class LatestWriter:
+    """Writes the latest text given to `put` to a file or object, on a thread of its own.
+
+    results.json changes on every trial event, inside Tune's callback: written there, each
+    change would be an upload on Tune's loop (bursts meet GCS's one write per second per
+    object) and a persistent storage error would abort the search. Here a burst collapses
+    into one write of its last state, at most one write per MIN_INTERVAL_S, and a failed
+    write is retried (with backoff) with whatever is newest then; `flush` says at the end
+    whether the file holds the last state, and why not."""
+
+    MIN_INTERVAL_S = 1.0
+    MAX_BACKOFF_S = 30.0
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._pending: str | None = None
+        self._error: str | None = None
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, name="results-writer", daemon=True).start()
+
+    def put(self, text: str) -> None:
+        with self._changed:
+            self._pending = text
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = 60.0) -> str | None:
+        """Wait (up to timeout) until the last text is written; None once it is, else why not."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._pending is not None and time.monotonic() < deadline:
+                self._changed.wait(max(0.0, min(1.0, deadline - time.monotonic())))
+            if self._pending is None:
+                return None
+            return self._error or f"{self.uri} was still being written after {timeout:.0f} s"
+
+    def _run(self) -> None:
+        backoff = self.MIN_INTERVAL_S
+        while True:
+            with self._changed:
+                while self._pending is None:
+                    self._changed.wait()
+                text = self._pending
+            try:
+                storage.write_text(self.uri, text)
+            except Exception as exc:  # the writer outlives any storage fault; flush reports it
+                if self._error is None:
+                    log.warning("could not write %s (retrying; the search goes on): %s", self.uri, exc)
+                self._error = str(exc)
+                time.sleep(backoff)
+                backoff = min(2 * backoff, self.MAX_BACKOFF_S)
+                continue
+            with self._changed:
+                if self._pending is text:
+                    self._pending = None
+                if self._error is not None:
+                    log.info("%s written again", self.uri)
+                self._error, backoff = None, self.MIN_INTERVAL_S
+                self._changed.notify_all()
+            time.sleep(self.MIN_INTERVAL_S)
+
+
+class SearchResults:
+    """Keeps one record per trial, keeps results.json current (atomically, off Tune's loop:
+    ``LatestWriter``) and logs one progress line per event."""
+
+    def __init__(self, path: str, metric: str, mode: str, prices: dict[str, float], resume: bool = False):
         self.path, self.metric, self.mode, self.prices = path, metric, mode, prices
         self.start = time.monotonic()
-        self.records: dict[str, TrialRecord] = {}  # a resumed search keeps what it already knew
-        if storage.exists(path):
+        # A resumed search keeps what it already knew. A new one starts empty, also over the
+        # results.json of a search killed before Tune's first snapshot (nothing to resume):
+        # its trials, still "running" there, are not this search's.
+        self.records: dict[str, TrialRecord] = {}
+        if resume and storage.exists(path):
             for data in json.loads(storage.read_text(path))["trials"]:
                 self.records[data["id"]] = TrialRecord.from_json(data)
+        self.writer = LatestWriter(path)
 
     def on_event(self, event: SearchEvent) -> None:
         if isinstance(event, (SearchStarted, SearchEnded)):
@@ -178,6 +247,10 @@ class SearchResults:
             ending = f"failed: {event.error}" if event.outcome is Outcome.FAILED else event.outcome.value
             line = f"{ending.replace('_', ' ')}  | {self._counts()}"
         self.save()
+        if isinstance(event, TrialEnded):
+            # An end is written before Tune goes on (bounded wait): Tune's next snapshot then
+            # never knows of an end that results.json does not (a resume trusts both).
+            self.flush(ENDED_WRITE_WAIT_S)
         log.info("%s trial %s %s", self._clock(), event.trial_id, line)
 
     def _reported(self, record: TrialRecord, event: TrialReported) -> str:
@@ -214,9 +287,14 @@ class SearchResults:
         return compute(list(self.records.values()), self.prices)
 
     def save(self) -> None:
+        """Hand the current state to the writer; never blocks on storage, never raises."""
         trials = [record.to_json() for record in self.records.values()]
         about = {"trials": trials, "compute": self.compute().to_json()}
-        storage.write_text(self.path, json.dumps(about, indent=2) + "\n")
+        self.writer.put(json.dumps(about, indent=2) + "\n")
+
+    def flush(self, timeout: float = 60.0) -> str | None:
+        """At the search's end: None once results.json holds the last state, else why not."""
+        return self.writer.flush(timeout)
 
     def _counts(self) -> str:
         return ", ".join(f"{outcome.value.replace('_', ' ')} {n}" for outcome, n in self.counts().items())

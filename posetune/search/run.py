@@ -319,7 +319,8 @@ def run_search(
         for line in describe_plan(space, base, plan):
             log.info(line)
         s = space.search
-        results = SearchResults(storage.join(folder, "results.json"), s.metric, s.resolved_mode, space.resources.prices)
+        results_file = storage.join(folder, "results.json")
+        results = SearchResults(results_file, s.metric, s.resolved_mode, space.resources.prices, resume)
         train = storage.join(folder, "train")
         setup = TrialSetup(space, base.to_dict(), train_size, plan, train, results.finished() if resume else {})
         events = TrialEvents([results, *listeners], setup, folder)
@@ -423,6 +424,9 @@ def _finish(
     best = results.best()
     best_config = best_config_file = best_checkpoint = None
     problems = []
+    unwritten = results.flush()
+    if unwritten:
+        problems.append(f"results.json does not hold the search's last state: {unwritten}")
     if best and best.checkpoint:
         best_config = build_trial_config(setup, best.params)
         # `posetune train` is one process: W workers' batches become W x the accumulation steps,
