@@ -259,6 +259,13 @@ def cpu_cluster(fake_home, gcs):
         cluster.stop()
 
 
+def log_clock(log: str, event: str) -> int:
+    """Seconds into the search of a progress line ("[  1:16] trial 3c5d07b8 completed ...")."""
+    (clock,) = [line[1:8] for line in log.splitlines() if line.startswith("[") and event in line]
+    minutes, seconds = clock.strip().split(":")
+    return 60 * int(minutes) + int(seconds)
+
+
 def start_search(space: Path, cwd: Path, env: dict) -> subprocess.Popen:
     """`posetune search SPACE` on the head, its output in cwd/search.txt."""
     with open(cwd / "search.txt", "w") as out:
@@ -296,6 +303,9 @@ def test_a_search_scales_workers_up_from_zero_and_back(cpu_cluster, fake_home, g
     folder = f"gs://{bucket}/searches/zero"
     results = json.loads(storage.read_text(f"{folder}/results.json"))["trials"]
     assert [r["status"] for r in results] == ["completed", "completed"]
+    for record in results:  # resource-hours count from the workers' start, not the node's boot
+        started, ended = (log_clock(log, f"trial {record['id']} {what}") for what in ("started", "completed"))
+        assert record["resource_hours"]["CPU"] * 3600 < ended - started - 15, (record, started, ended)
     names = gcs.names(bucket, "searches/zero/")
     for expected in ("search.json", "best_config.yaml", "best/model.pt", "summary.txt", "tracking.json"):
         assert f"searches/zero/{expected}" in names, expected

@@ -90,13 +90,20 @@ class TrialEvents(tune.Callback):
     def __init__(self, listeners: Sequence[Listener], setup: TrialSetup, folder: str):
         # Not `self.setup`: that is a Tune callback method.
         self.listeners, self.trial_setup, self.folder = list(listeners), setup, folder
-        self.started: dict[str, float] = {}  # trial id -> when it (re)started, for its resource-hours
+        # Trial id -> when it (re)started, and when its first worker group started: its
+        # resource-hours count from there (the wait for workers, e.g. a GPU node booting, holds
+        # nothing; a wait after a worker restart is counted).
+        self.started: dict[str, float] = {}
+        self.workers_started: dict[str, float] = {}
         self.used: dict[str, dict[str, Any]] = {}  # trial id -> its searched values as used
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into the experiment; listeners hold files, threads and
         # clients of this process, and a restored search attaches the live ones again.
         return {**self.__dict__, "listeners": []}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"workers_started": {}, **state})  # saved before workers_started existed
 
     def emit(self, event: SearchEvent) -> None:
         if getattr(event, "trial_id", None) in self.trial_setup.finished:
@@ -105,13 +112,16 @@ class TrialEvents(tune.Callback):
             listener.on_event(event)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.started[trial.trial_id] = time.monotonic()
+        self.started[trial.trial_id] = time.time()
+        self.workers_started.pop(trial.trial_id, None)
         config = build_trial_config(self.trial_setup, dict(trial.config))
         self.emit(TrialStarted(trial.trial_id, self._used(trial, config), config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("diverged"):  # the trial ends next, as diverged
             return
+        if trial.trial_id in self.started and "workers_started_at" in result:
+            self.workers_started.setdefault(trial.trial_id, float(result["workers_started_at"]))
         metrics = {key: float(result[key]) for key in REPORTED if key in result}
         samples = int(result["samples_seen"])
         self.emit(TrialReported(trial.trial_id, self._used(trial), samples, metrics, self._checkpoint(result)))
@@ -140,11 +150,13 @@ class TrialEvents(tune.Callback):
         return self.used[trial.trial_id]
 
     def _resource_hours(self, trial_id: str) -> dict[str, float]:
-        """Its workers' bundles times the wall time since the trial (re)started."""
+        """Its workers' bundles times the wall time since its workers started (or, when none
+        reported, since the trial (re)started)."""
         started = self.started.pop(trial_id, None)
+        started = self.workers_started.pop(trial_id, started)
         if started is None:
             return {}
-        hours = (time.monotonic() - started) / 3600
+        hours = max(0.0, time.time() - started) / 3600
         workers = self.trial_setup.space.resources.workers_per_trial
         return {name: amount * workers * hours for name, amount in self.trial_setup.plan.worker.items() if amount}
 

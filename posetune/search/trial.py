@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # after its source file, which its LoggingConfig does not reach: quiet the root logger.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("posetune").setLevel(logging.WARNING)
+    workers_started_at = time.time()  # resource-hours count from here, not from the wait for workers
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     cfg = config_from_dict(loop_config["config"])
@@ -153,6 +155,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "epoch": evaluation.epoch,
             "train_loss": evaluation.train_loss,
             "train_images_per_s": evaluation.train_images_per_s,
+            "workers_started_at": workers_started_at,
         }
         attached = ray.train.Checkpoint.from_directory(evaluation.checkpoint_dir) if rank == 0 else None
         ray.train.report(metrics, checkpoint=attached)
