@@ -202,15 +202,14 @@ class Recording:
 
     def curve(self, params: dict, seed: int) -> Curve:
         """What a sampled configuration reports: its nearest recorded one's curve (one training
-        seed was recorded, so `seed` is unused); a diverged one reports its worst score where
-        it diverged."""
-        from posetune.choices import diverged_result, metric_mode
+        seed was recorded, so `seed` is unused); a diverged one reports what a diverged trial
+        reports to Tune (choices.diverged_result) where it diverged."""
+        from posetune.choices import diverged_result
 
         entry = self.nearest(params)
         points = [dict(point) for point in entry["curve"]]
         if entry["diverged_at"] is not None:
-            mode = metric_mode(self.metric)
-            worst = diverged_result(self.metric, mode, "diverged", entry["diverged_at"])[self.metric]
+            worst = diverged_result(self.metric, "diverged", entry["diverged_at"])[self.metric]
             seconds = entry["diverged_at"] * self.seconds_per_sample
             points.append({self.metric: worst, "diverged": 1, "samples": entry["diverged_at"], "seconds": seconds})
         return Curve(points, config=entry["index"])

@@ -29,7 +29,7 @@ class Curve:
     """What one trial reports: its evaluations in order of samples seen.
 
     Each point is {"samples": samples seen, METRIC: value, "seconds": from the trial's start};
-    a diverged trial's last point also holds "diverged": 1 (and its worst score)."""
+    a diverged trial's last point also holds "diverged": 1 (and what it reports to Tune)."""
 
     points: list[dict[str, float]]
     config: Hashable = None  # which recorded configuration it trained as (counts distinct ones)

@@ -94,13 +94,18 @@ def test_the_exact_random_regret_is_the_brute_force_expectation(bench):
         first_best = min(seq, key=lambda d: d[1])  # min keeps the first of equal values
         expected += np.prod([d[2] for d in seq]) * (truths[first_best[0]] - task.optimum)
     assert bench.random_expected_regret(task, [3])[0] == pytest.approx(expected, rel=1e-12)
+    regrets, probabilities = bench.random_regret_distribution(task, 3)
+    assert probabilities.sum() == pytest.approx(1.0) and list(regrets) == sorted(regrets)
+    assert bench.ks_distance(np.array([regrets[0]]), regrets, probabilities) == pytest.approx(1 - probabilities[0])
 
 
 def test_random_search_matches_its_exact_regret_on_a_table(bench):
     task = bench.get_task("hpobench/australian")
     curves = np.array([bench.run_one((task.name, "random", seed, 20, 1)) for seed in range(40)])
     check = bench.calibration(task, curves, [10, 20])
-    assert check["ok"], check
+    assert check["ok"] and all(row["mean_in_interval"] for row in check["budgets"]), check
+    wrong = curves * 1.5  # a harness whose regrets are half as large again is caught
+    assert bench.calibration(task, wrong, [10, 20])["ok"] is False
     assert bench.random_expected_regret(task, [1])[0] == pytest.approx(
         np.mean(list(task.true_values.values())) - task.optimum
     )
