@@ -33,11 +33,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         for fixture in set(item.fixturenames) & MARKED_FIXTURES.keys():
             item.add_marker(MARKED_FIXTURES[fixture])
-        # Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test that starts Ray runs
-        # on one worker, one after another (two Ray instances on one machine break each other);
-        # the others run beside them, on the cores Ray's tests mostly leave idle while they wait.
-        if item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(autouse=True, scope="session")
