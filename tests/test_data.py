@@ -59,6 +59,16 @@ def test_concurrent_builders_share_one_cache(synth_small, tmp_path):
     assert [p.suffix for p in sorted(tmp_path.iterdir())] == [".lock", ".npy"]  # no temp files left
 
 
+def test_a_killed_builders_half_written_cache_is_removed(synth_small, tmp_path):
+    """A builder killed mid-way leaves its .NAME.*.tmp behind; the next build removes it."""
+    index = read_split(synth_small, "val", "cube_position")
+    name = f"{cache.cache_key(index, None, (32, 20))}-{len(index)}x32x20.npy"
+    leftover = tmp_path / f".{name}.deadbeef.tmp"
+    leftover.write_bytes(b"half a cache")
+    cached_images(index, None, (32, 20), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, name.replace(".npy", ".lock")])
+
+
 def test_cached_and_uncached_datasets_agree(synth_small, tmp_path):
     overrides = [f"dataset.root={synth_small}", "dataset.image_scale=48x30", f"dataset.cache_dir={tmp_path}"]
     cached = load_split(load_config(overrides=overrides, environ={}), "val")

@@ -87,8 +87,17 @@ def cached_images(
     if not path.exists():
         with storage.file_lock(path.with_suffix(".lock")):
             if not path.exists():  # another process may have built it while we waited
+                _remove_leftovers(path)
                 _build_cache(index, crop, size, path, num_workers, progress)
     return np.load(path, mmap_mode="r")
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Half-written copies of `path` (storage.atomic_path's .NAME.*.tmp) of builders that were
+    killed: only the lock holder writes them, so with the lock held every one is a leftover."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        log.info("removing %s, left by a process that was killed while it built the cache", leftover)
+        leftover.unlink(missing_ok=True)
 
 
 def _build_cache(index, crop, size, path: Path, num_workers: int, progress: bool) -> None:
