@@ -378,3 +378,42 @@ def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path)
         events.on_trial_complete(0, [], trial)
     assert [(type(e).__name__, e.trial_id) for e in heard] == [("TrialStarted", "new"), ("TrialEnded", "new")]
     assert heard[1].resource_hours["CPU"] > 0 and heard[0].params["optimizer.lr"] == 1e-3
+
+
+def test_a_trial_that_diverged_late_keeps_its_checkpoint_and_is_ranked_after_the_others(synth_small, tmp_path):
+    """Its last report (the divergence) carries no checkpoint: its end names the latest one
+    it reported, so its record and MLflow run keep its best.pt; it is never the best trial."""
+    from posetune.choices import diverged_result
+    from posetune.cluster.placement import ClusterShape, Node
+    from posetune.cluster.placement import plan_resources as plan_for_nodes
+    from posetune.search.results import SearchResults
+    from posetune.search.run import TrialEvents
+    from posetune.search.trial import TrialSetup
+
+    space, base = load_space(tiny_space(tmp_path, synth_small))
+    plan = plan_for_nodes(
+        workers_per_trial=1,
+        cpus_per_worker=1,
+        gpus_per_worker=0,
+        num_samples=2,
+        max_concurrent_trials=None,
+        cluster=ClusterShape([Node({"CPU": 2.0})]),
+    )
+    setup = TrialSetup(space, base.to_dict(), 96, plan, str(tmp_path / "train"))
+    results = SearchResults(str(tmp_path / "results.json"), "pose_error", "min", {})
+    events = TrialEvents([results], setup, str(tmp_path))
+    config = {"optimizer.lr": 1e-3, "train.beta_loss": 1.0}
+    late = SimpleNamespace(trial_id="late", config=config, last_result={})
+    steady = SimpleNamespace(trial_id="steady", config=config, last_result={})
+    checkpoint = str(tmp_path / "train" / "late" / "checkpoint_000001")
+    for trial in (late, steady):
+        events.on_trial_start(0, [], trial)
+    events.on_trial_result(0, [], late, {"pose_error": 5.0, "samples_seen": 96, "checkpoint_path": checkpoint})
+    late.last_result = diverged_result("pose_error", "loss is nan", 150)
+    events.on_trial_result(0, [], late, late.last_result)
+    events.on_trial_complete(0, [], late)
+    steady.last_result = {"pose_error": 9.0, "samples_seen": 96}
+    events.on_trial_result(0, [], steady, steady.last_result)
+    events.on_trial_complete(0, [], steady)
+    assert results.records["late"].status is Outcome.DIVERGED and results.records["late"].checkpoint == checkpoint
+    assert [r.id for r in results.ranked()] == ["steady", "late"] and results.best().id == "steady"

@@ -95,6 +95,9 @@ class TrialEvents(tune.Callback):
         # nothing; a wait after a worker restart is counted).
         self.started: dict[str, float] = {}
         self.workers_started: dict[str, float] = {}
+        # Trial id -> its latest checkpoint: a diverged trial's last report carries none, and its
+        # best.pt (from before it diverged) still belongs in its record and MLflow run.
+        self.checkpoints: dict[str, str] = {}
         self.used: dict[str, dict[str, Any]] = {}  # trial id -> its searched values as used
 
     def __getstate__(self) -> dict[str, Any]:
@@ -103,7 +106,7 @@ class TrialEvents(tune.Callback):
         return {**self.__dict__, "listeners": []}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"workers_started": {}, **state})  # saved before workers_started existed
+        self.__dict__.update({"workers_started": {}, "checkpoints": {}, **state})  # saved before they existed
 
     def emit(self, event: SearchEvent) -> None:
         if getattr(event, "trial_id", None) in self.trial_setup.finished:
@@ -124,7 +127,10 @@ class TrialEvents(tune.Callback):
             self.workers_started.setdefault(trial.trial_id, float(result["workers_started_at"]))
         metrics = {key: float(result[key]) for key in REPORTED if key in result}
         samples = int(result["samples_seen"])
-        self.emit(TrialReported(trial.trial_id, self._used(trial), samples, metrics, self._checkpoint(result)))
+        checkpoint = self._checkpoint(result)
+        if checkpoint:
+            self.checkpoints[trial.trial_id] = checkpoint
+        self.emit(TrialReported(trial.trial_id, self._used(trial), samples, metrics, checkpoint))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
@@ -138,7 +144,8 @@ class TrialEvents(tune.Callback):
     def _ended(self, trial, outcome: Outcome, error: str | None) -> None:
         result = trial.last_result or {}
         samples = int(result.get("samples_seen", 0))
-        checkpoint = self._checkpoint(result)
+        latest = self.checkpoints.pop(trial.trial_id, None)
+        checkpoint = self._checkpoint(result) or latest
         hours = self._resource_hours(trial.trial_id)
         self.emit(TrialEnded(trial.trial_id, self._used(trial), outcome, samples, error, checkpoint, hours))
 
