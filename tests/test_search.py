@@ -342,7 +342,8 @@ def test_a_train_run_restored_at_its_final_checkpoint_says_again_how_it_ended(ra
 
 def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path):
     """Tune may restart a trial whose end it had not saved: the trial re-reports its recorded
-    end (trial.run_trial), and no listener hears of it, so its record and MLflow run stay final."""
+    end, or fails again at once if it had failed (trial.run_trial), and no listener hears of it,
+    so its record and MLflow run stay final."""
     from posetune.cluster.placement import ClusterShape, Node
     from posetune.cluster.placement import plan_resources as plan_for_nodes
     from posetune.search.results import SearchResults, TrialEnded, TrialStarted
@@ -367,10 +368,11 @@ def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path)
         max_concurrent_trials=None,
         cluster=ClusterShape([Node({"CPU": 2.0})]),
     )
-    setup = TrialSetup(space, base.to_dict(), 96, plan, str(tmp_path / "train"), finished)
+    assert results.failed() == {"broken": "boom"}  # a resume without --retry-failed keeps it failed
+    setup = TrialSetup(space, base.to_dict(), 96, plan, str(tmp_path / "train"), finished, results.failed())
     heard = []
     events = TrialEvents([SimpleNamespace(on_event=heard.append)], setup, str(tmp_path))
-    for trial_id in ("done", "new"):
+    for trial_id in ("done", "broken", "new"):
         trial = SimpleNamespace(
             trial_id=trial_id, config={"optimizer.lr": 1e-3, "train.beta_loss": 1.0}, last_result={}
         )

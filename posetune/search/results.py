@@ -283,6 +283,10 @@ class SearchResults:
                 final[record.id] = diverged_result(self.metric, record.error, record.samples_seen)
         return final
 
+    def failed(self) -> dict[str, str]:
+        """Trials that failed -> their error (a resume without --retry-failed keeps them failed)."""
+        return {r.id: r.error or "unknown error" for r in self.records.values() if r.status is Outcome.FAILED}
+
     def compute(self) -> Compute:
         return compute(list(self.records.values()), self.prices)
 

@@ -109,7 +109,8 @@ class TrialEvents(tune.Callback):
         self.__dict__.update({"workers_started": {}, "checkpoints": {}, **state})  # saved before they existed
 
     def emit(self, event: SearchEvent) -> None:
-        if getattr(event, "trial_id", None) in self.trial_setup.finished:
+        ended_before = self.trial_setup.finished.keys() | self.trial_setup.failed.keys()
+        if getattr(event, "trial_id", None) in ended_before:
             return  # ended in an earlier run of the search: its record and run are final
         for listener in self.listeners:
             listener.on_event(event)
@@ -341,7 +342,9 @@ def run_search(
         results_file = storage.join(folder, "results.json")
         results = SearchResults(results_file, s.metric, s.resolved_mode, space.resources.prices, resume)
         train = storage.join(folder, "train")
-        setup = TrialSetup(space, base.to_dict(), train_size, plan, train, results.finished() if resume else {})
+        finished = results.finished() if resume else {}
+        failed = results.failed() if resume and not retry_failed else {}
+        setup = TrialSetup(space, base.to_dict(), train_size, plan, train, finished, failed)
         events = TrialEvents([results, *listeners], setup, folder)
         events.emit(SearchStarted(folder, resume))
         about = {"fingerprint": fingerprint, "metric": space.search.metric, "mode": space.search.resolved_mode}

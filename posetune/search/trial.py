@@ -46,6 +46,13 @@ class TrialSetup:
     # Trials that ended in an earlier run of this search -> their final result. Tune restarts
     # such a trial after a resume when its saved state predates the end; it is not re-run.
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Trials that failed in an earlier run -> their error, unless the resume retries them. Tune
+    # restarts one whose failure came after its last snapshot: it fails again at once.
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class FailedBefore(RuntimeError):
+    """A trial that failed before the resume, restarted by Tune: it stays failed."""
 
 
 def epochs_for_budget(cfg: Config, train_size: int, workers: int, max_samples: int) -> int:
@@ -82,6 +89,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     if trial_id in setup.finished:  # ended before the resume: say again how, train nothing
         ray.tune.report(setup.finished[trial_id])
         return
+    if trial_id in setup.failed:
+        raise FailedBefore(f"failed before the resume (--retry-failed runs it again): {setup.failed[trial_id]}")
     cfg = build_trial_config(setup, params)
     plan = setup.plan
     # Ray Train waits this long for the workers' resources before retrying: on an autoscaling
