@@ -3,6 +3,7 @@ proxied by the server), queried through MlflowClient."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import subprocess
@@ -55,6 +56,16 @@ class MlflowServer:
                 return response.status == 200
         except OSError:
             return False
+
+    def refuse_uploads(self) -> None:
+        """Make the server's artifact root a file: every upload it proxies then fails there and
+        it answers 500, as when the disk it writes artifacts to is gone (chmod would not stop
+        a root process)."""
+        import shutil
+
+        root = self.folder / "artifacts"
+        shutil.rmtree(root, ignore_errors=True)
+        root.write_text("not a folder\n")
 
     def stop(self) -> None:
         if self.process:
@@ -109,6 +120,15 @@ def test_search_logs_one_parent_and_one_child_per_trial(ray_cluster, server, syn
         assert steps == sorted(steps) and steps[0] == 96 and steps[-1] == record["samples_seen"]
         assert history[-1].value == pytest.approx(record["metrics"]["pose_error"])
         assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    # The logged checkpoint is the weights and config (evaluate and predict need no more), not
+    # the optimizer and RNG states that only resuming reads from the experiment folder.
+    logged = Path(client.download_artifacts(children[0].info.run_id, "checkpoints/best.pt", str(tmp_path)))
+    full = Path(records[children[0].data.tags["posetune.trial_id"]]["checkpoint"]) / "best.pt"
+    assert logged.stat().st_size < 0.5 * full.stat().st_size, (logged.stat().st_size, full.stat().st_size)
+    from posetune.train.checkpoint import load_checkpoint
+    from posetune.train.inference import model_from_checkpoint
+
+    assert "optimizer" not in load_checkpoint(logged) and model_from_checkpoint(logged)[1].dataset.image_scale
 
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "summary.txt", "plots", "search_space"} <= parent_artifacts
@@ -173,6 +193,45 @@ def test_server_killed_mid_search_then_back(ray_cluster, server, synth_small, tm
     for child in children:  # no evaluation was lost in the outage
         history = client.get_metric_history(child.info.run_id, "pose_error")
         assert [m.step for m in history] == [96, 192, 288, 384, 480]
+
+
+def test_uploads_the_server_refuses_are_errors_of_the_search(
+    ray_cluster, server, synth_small, tmp_path, capsys, monkeypatch
+):
+    """A real server that answers 500 to every upload once the search runs: the trial's best
+    checkpoint and the best model's registration are listed in summary.txt and in the printed
+    summary, the exit code is 1, and the trial's run still ends."""
+    monkeypatch.setattr("posetune.tracking.store.BRIEF_RETRY_S", 1.0)  # the default retries 30 s per upload
+    space = tiny_space(
+        tmp_path,
+        synth_small,
+        name="refused",
+        search__num_samples=1,
+        search__points_to_evaluate=[{"optimizer.lr": 3e-3, "train.beta_loss": 1.0}],
+        search__asha={"max_samples": 192, "grace_samples": 192, "reduction_factor": 2},
+    )
+
+    def refuse_once_the_trial_starts():  # the parent run's own artifacts are in by then
+        wait_for(lambda: read_results(tmp_path, "refused"), 300, "the trial to start")
+        server.refuse_uploads()
+
+    thread = threading.Thread(target=refuse_once_the_trial_starts, daemon=True)
+    thread.start()
+    assert cli.main(["search", str(space), f"tracking.tracking_uri={server.uri}"]) == 1
+    thread.join(timeout=10)
+    out = capsys.readouterr().out
+    summary = (tmp_path / "runs" / "refused" / "summary.txt").read_text()
+    (record,) = read_results(tmp_path, "refused")
+    for what in (
+        f"error: MLflow did not receive the best checkpoint of trial {record['id']}: ",
+        "error: MLflow did not receive the best model, registered as 'posetune-refused': ",
+    ):
+        assert what in summary and what in out, summary
+    assert "500 error responses" in summary and "everything was logged" not in out
+    client, _, (child,) = runs_of(server.uri, "refused")
+    assert child.info.status == "FINISHED" and child.data.tags["posetune.status"] == "completed"
+    assert not client.list_artifacts(child.info.run_id, "checkpoints")
+    assert not client.search_registered_models()
 
 
 def test_unreachable_server_fails_before_training(synth_small, tmp_path, capsys):
@@ -279,7 +338,7 @@ def test_async_logger_retries_outages_and_reports_what_it_dropped(caplog):
         raise ValueError("INVALID_PARAMETER_VALUE: bad metric")
 
     def never():
-        raise OSError("unreachable")
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
 
     caplog.set_level(logging.INFO, logger="posetune")
     logger = AsyncLogger(max_backoff_s=0.05)
@@ -382,3 +441,144 @@ def test_a_search_run_is_a_listener_that_closes_its_parent(tmp_path):
     assert child.data.params["optimizer.lr"] == "0.01" and child.data.metrics["train_loss"] == 1.0
     state = json.loads((tmp_path / "s" / "tracking.json").read_text())
     assert state["trials"] == {"t1": child.info.run_id} and state["parent_run_id"] == parent.info.run_id
+
+
+def _summary(folder: Path, records: list):
+    """The summary a search ends with, over `records`, with the files its parent run logs."""
+    from posetune.search.results import Compute, SearchSummary, count
+
+    for name in ("results.json", "summary.txt"):
+        (folder / name).write_text("{}\n")
+    return SearchSummary(
+        str(folder),
+        records,
+        count(records),
+        1.0,
+        "pose_error",
+        "min",
+        None,
+        None,
+        None,
+        False,
+        "local",
+        Compute({}, None),
+    )
+
+
+def test_a_resumed_search_ends_runs_whose_close_was_lost_and_logs_no_point_twice(tmp_path):
+    """A driver killed while trial t1's close was queued (results.json: completed; its run:
+    RUNNING), then resumed: Tune sends no event for t1, and restores t2 from its checkpoint at
+    192 samples, which it reports again. The resume ends t1's run from results.json, and no
+    metric has two points at one step."""
+    from posetune.config import Config, TrackingConfig
+    from posetune.search.events import Outcome, SearchEnded, SearchStarted, TrialEnded, TrialReported, TrialStarted
+    from posetune.search.results import TrialRecord
+    from posetune.tracking.runs import SearchRun
+
+    uri, folder, space_file = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "s", tmp_path / "space.yaml"
+    folder.mkdir()
+    space_file.write_text("search: {}\n")
+
+    def search_run():
+        return SearchRun(TrackingConfig(tracking_uri=uri), "s", str(folder), str(space_file), {})
+
+    def report(run, trial, samples):
+        run.on_event(TrialReported(trial, {}, samples, {"pose_error": 1000 / samples, "train_loss": 1.0}, None))
+
+    killed = search_run()
+    killed.on_event(SearchStarted(str(folder), resume=False))
+    for trial in ("t1", "t2"):
+        killed.on_event(TrialStarted(trial, {}, Config()))
+    for samples in (96, 192):
+        report(killed, "t1", samples)
+        report(killed, "t2", samples)
+    killed.logger.close(timeout_s=60)  # what had reached MLflow when the driver was killed: not t1's end
+
+    resumed = search_run()
+    with resumed:
+        resumed.on_event(SearchStarted(str(folder), resume=True))
+        resumed.on_event(TrialStarted("t2", {}, Config()))
+        for samples in (192, 288):  # restored at 192: that evaluation again, then the next one
+            report(resumed, "t2", samples)
+        resumed.on_event(TrialEnded("t2", {}, Outcome.COMPLETED, 288, None, None, {}))
+        t1 = TrialRecord("t1", {}, Outcome.COMPLETED, {"pose_error": 1000 / 192}, 192, {"pose_error": 1000 / 192})
+        t2 = TrialRecord("t2", {}, Outcome.COMPLETED, {"pose_error": 1000 / 288}, 288, {"pose_error": 1000 / 288})
+        resumed.on_event(SearchEnded(_summary(folder, [t2, t1]), None))
+    assert not resumed.unlogged, resumed.unlogged
+    client, parent, children = runs_of(uri, "s")
+    runs = {child.data.tags["posetune.trial_id"]: child for child in children}
+    assert sorted(runs) == ["t1", "t2"] and parent.info.status == "FINISHED"
+    for trial, steps in (("t1", [96, 192]), ("t2", [96, 192, 288])):
+        assert runs[trial].info.status == "FINISHED" and runs[trial].data.tags["posetune.status"] == "completed"
+        for key in ("pose_error", "train_loss"):
+            assert [m.step for m in client.get_metric_history(runs[trial].info.run_id, key)] == steps, (trial, key)
+
+
+def _raised(call) -> BaseException:
+    try:
+        call()
+    except BaseException as exc:  # the error the real operation raises
+        return exc
+    raise AssertionError("it did not fail")
+
+
+def test_failures_are_classified_by_whether_trying_again_can_help(tmp_path):
+    """Real errors of real operations: a local file that is missing, a path through a file, a
+    full disk or a refused permission fail the same way again (reported at once); a server that
+    cannot be reached is an outage (retried until it returns)."""
+    import socket
+
+    import requests
+
+    from posetune.tracking.store import BRIEF, OUTAGE, PERMANENT, failure_kind, mlflow_client
+
+    (tmp_path / "file").write_text("")
+    closed = f"127.0.0.1:{free_port()}"
+    permanent = {
+        "missing file": _raised(lambda: (tmp_path / "nope.pt").read_bytes()),
+        "path through a file": _raised(lambda: (tmp_path / "file" / "x").write_text("")),
+        # A full disk and a refused permission cannot be made here (root ignores permissions).
+        "disk full": OSError(errno.ENOSPC, "No space left on device"),
+        "permission": PermissionError(errno.EACCES, "Permission denied"),
+        "rejected value": _raised(lambda: mlflow_client(f"sqlite:///{tmp_path / 'm.db'}").get_run("no-such-run")),
+    }
+    outage = {
+        "refused connection": _raised(lambda: socket.create_connection(closed.split(":"), timeout=5)),
+        "requests' refused connection": _raised(lambda: requests.get(f"http://{closed}/", timeout=5)),
+        "MLflow's refused connection": _raised(lambda: mlflow_client(f"http://{closed}").get_experiment("0")),
+    }
+    for name, exc in permanent.items():
+        assert failure_kind(exc) == PERMANENT, (name, exc)
+    for name, exc in outage.items():
+        assert failure_kind(exc) == OUTAGE, (name, exc)
+    assert failure_kind(OSError("something else")) == BRIEF  # unknown: retried a while, not for ever
+
+
+def test_a_permanent_failure_does_not_hold_up_the_queue():
+    """A checkpoint file that is gone fails at once; the calls behind it go through without
+    waiting for the logger to close (every OSError used to be retried until then)."""
+    done = threading.Event()
+    logger = AsyncLogger()
+    logger.submit("a checkpoint that was removed", lambda: Path("/nonexistent/best.pt").read_bytes())
+    logger.submit("the next call", done.set)
+    assert done.wait(timeout=5), "the next call waited behind a failure that cannot go away"
+    failed = logger.close(timeout_s=5)
+    assert failed == ["a checkpoint that was removed: [Errno 2] No such file or directory: '/nonexistent/best.pt'"]
+
+
+def test_an_error_the_server_keeps_answering_is_retried_for_a_while_then_reported():
+    """A 500 is retried (an overloaded server recovers), for BRIEF_RETRY_S at most: an artifact
+    root that cannot be written never recovers, and everything queued waits behind it."""
+    tries = []
+
+    def refused():
+        tries.append(time.monotonic())
+        raise RuntimeError("API request to /ajax-api failed with error code 500 != 200")
+
+    logger = AsyncLogger(brief_retry_s=2.5)
+    logger.submit("an upload", refused)
+    logger.submit("the next call", lambda: tries.append("next"))
+    wait_for(lambda: "next" in tries, 20, "the call behind the refused one")
+    (failed,) = logger.close(timeout_s=5)
+    assert failed.startswith("an upload: API request") and "still failing after 3 tries" in failed, failed
+    assert tries[-1] == "next" and 2.5 <= tries[-2] - tries[0] < 5

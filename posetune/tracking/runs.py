@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import posixpath
 import subprocess
 import tempfile
 import time
@@ -36,7 +37,7 @@ from posetune.search.events import (
     TrialReported,
     TrialStarted,
 )
-from posetune.search.results import SearchSummary, TrialRecord, experiment_dir
+from posetune.search.results import SearchSummary, TrialRecord, experiment_dir, summary_lines
 from posetune.search.space import SearchSpace, describe_parameter
 from posetune.tracking.registry import register_model
 from posetune.tracking.store import (
@@ -125,6 +126,10 @@ class SearchRun:
         self.unlogged: list[str] = []  # what MLflow did not receive, once closed
         self.recreated: list[str] = []  # runs re-created because the store had lost them (a resume)
         self._summary: SearchSummary | None = None
+        # Steps each running trial's run holds, per metric (loaded from the store for a run made
+        # before this process), so that a re-reported evaluation is not logged twice.
+        self._logged: dict[str, dict[str, set[int]]] = {}
+        self._new_runs: set[str] = set()  # trials whose run this process created: it held nothing
 
     def __enter__(self) -> SearchRun:
         check_tracking_uri(self.uri, create=False)  # a server that is down stops us before anything starts
@@ -136,29 +141,45 @@ class SearchRun:
         interrupted = exc_type is KeyboardInterrupt or (self._summary is not None and self._summary.interrupted)
         status = "KILLED" if interrupted else "FAILED" if exc_type is not None else "FINISHED"
         parent = self.parent_run_id
-        self.logger.submit("closing the parent run", lambda: self.client.set_terminated(parent, status))
+        self.logger.submit("the parent run's final status", lambda: self.client.set_terminated(parent, status))
         self.unlogged = self.logger.close(timeout_s=300)
         _warn_unlogged(self.unlogged)
+        if self.unlogged and self._summary is not None:
+            self._add_to_summary(self._summary, self.unlogged)
+
+    def _add_to_summary(self, summary: SearchSummary, unlogged: list[str]) -> None:
+        """What MLflow did not receive is an error of the search: in its summary (summary.txt,
+        the table the CLI prints, exit code 1), not only a warning on stderr. The copy of
+        summary.txt on the parent run was logged before the end and cannot say it."""
+        summary.problems.extend(f"MLflow did not receive {item}" for item in unlogged)
+        try:
+            text = "\n".join(summary_lines(summary)) + "\n"
+            storage.write_text(storage.join(summary.experiment_dir, "summary.txt"), text)
+        except PosetuneError as exc:  # the summary the caller prints still lists them
+            log.warning("could not add MLflow's problems to summary.txt: %s", exc)
 
     def on_event(self, event: SearchEvent) -> None:
         if isinstance(event, SearchStarted):
             self._open(event.resume)
         elif isinstance(event, TrialStarted):
             params = flatten(event.config.to_dict())
-            self.logger.submit(
-                f"create the run of trial {event.trial_id}", lambda: self._ensure_child(event.trial_id, params)
-            )
+            self.logger.submit(f"the run of trial {event.trial_id}", lambda: self._ensure_child(event.trial_id, params))
         elif isinstance(event, TrialReported):
             batch = _metrics_batch(event.metrics, event.samples_seen)
             self.logger.submit(
-                f"metrics of trial {event.trial_id} at {event.samples_seen} samples",
-                lambda: self.client.log_batch(self._child(event.trial_id), metrics=batch),
+                f"the metrics of trial {event.trial_id} at {event.samples_seen} samples",
+                lambda: self._log_points(event.trial_id, batch),
             )
         elif isinstance(event, TrialEnded):
             best = self._best_checkpoint(event.checkpoint)
+            if best is not None:  # its own call: a checkpoint that cannot be logged still lets the run end
+                self.logger.submit(
+                    f"the best checkpoint of trial {event.trial_id}",
+                    lambda: log_checkpoint(self.client, self._child(event.trial_id), best),
+                )
             self.logger.submit(
-                f"final status ({event.outcome.value}) and best checkpoint of trial {event.trial_id}",
-                lambda: close_run(self.client, self._child(event.trial_id), event.outcome, event.error, best),
+                f"the final status ({event.outcome.value}) of trial {event.trial_id}",
+                lambda: self._end_child(event.trial_id, event.outcome, event.error, None),
             )
         elif isinstance(event, SearchEnded):
             self._log_outcome(event.summary, event.study)
@@ -225,22 +246,67 @@ class SearchRun:
         interrupted before its end. Made again from results.json: the searched params, the metrics
         at the last and best evaluations, status, best checkpoint. Decided on the logger's thread,
         after every queued call, so a child still being created is never made twice."""
-        for record in summary.records:
-            if record.status != Outcome.RUNNING:
-                self.logger.submit(f"re-creating the run of trial {record.id}", lambda r=record: self._recreate(r))
+        ended = [record for record in summary.records if record.status != Outcome.RUNNING]
+        for record in ended:
+            self.logger.submit(f"the re-created run of trial {record.id}", lambda r=record: self._recreate(r))
+        if ended:
+            self.logger.submit("the final status of trials that had ended", lambda: self._end_stale_children(ended))
 
     def _recreate(self, record: TrialRecord) -> None:
         if record.id in self.state["trials"] or self._find_child(record.id):
             return
         self.recreated.append(f"trial {record.id}")
         self._ensure_child(record.id, record.params)
-        run_id = self._child(record.id)
-        best_step = int(record.best_metrics.get("samples_seen", record.samples_seen))
-        batch = _metrics_batch(record.metrics, record.samples_seen)
-        if best_step != record.samples_seen:
-            batch += _metrics_batch(record.best_metrics, best_step)
-        self.client.log_batch(run_id, metrics=batch)
-        close_run(self.client, run_id, record.status, record.error, self._best_checkpoint(record.checkpoint))
+        self._log_points(record.id, _record_points(record))
+        self._end_child(record.id, record.status, record.error, self._best_checkpoint(record.checkpoint))
+
+    def _end_stale_children(self, ended: list[TrialRecord]) -> None:
+        """End the child runs still RUNNING whose trial has ended: a driver killed while their
+        close was queued leaves them so, and a resumed search sends no event for a trial that
+        had ended. Ended from results.json (its last and best evaluations, status, best
+        checkpoint), as a lost run is re-created. Runs on the logger's thread after every
+        queued call: the trials that ended in this process are closed by then."""
+        records = {record.id: record for record in ended}
+        for run in self._running_children():
+            record = records.get(run.data.tags.get("posetune.trial_id", ""))
+            if record is None:
+                continue
+            if self.state["trials"].get(record.id) != run.info.run_id:  # a kill between creating and recording
+                self.state["trials"][record.id] = run.info.run_id
+                _write_state(self.folder, self.state)
+            log.info("MLflow: ending the run of trial %s, which had ended (%s)", record.id, record.status.value)
+            self._log_points(record.id, _record_points(record))
+            self._end_child(record.id, record.status, record.error, self._best_checkpoint(record.checkpoint))
+
+    def _running_children(self) -> list:
+        filter_string = f"tags.mlflow.parentRunId = '{self.parent_run_id}' and attributes.status = 'RUNNING'"
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string, max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _log_points(self, trial_id: str, batch: list) -> None:
+        """Log the points of `batch` that the trial's run does not hold yet: a trial restored from
+        its last checkpoint after a kill may report that evaluation again, and an ended run made
+        whole from results.json holds most of its points already."""
+        run_id = self._child(trial_id)
+        logged = self._logged.setdefault(trial_id, {})
+        for key in {point.key for point in batch} - logged.keys():
+            history = [] if trial_id in self._new_runs else self.client.get_metric_history(run_id, key)
+            logged[key] = {point.step for point in history}
+        fresh = [point for point in batch if point.step not in logged[point.key]]
+        if fresh:
+            self.client.log_batch(run_id, metrics=fresh)
+        for point in fresh:
+            logged[point.key].add(point.step)
+
+    def _end_child(self, trial_id: str, outcome: Outcome, error: str | None, checkpoint: str | None) -> None:
+        close_run(self.client, self._child(trial_id), outcome, error, checkpoint)
+        self._logged.pop(trial_id, None)  # a trial run again (--retry-failed) reads its run's steps again
+        self._new_runs.discard(trial_id)
 
     def _best_checkpoint(self, checkpoint: str | None) -> str | None:
         """A trial's best.pt to log as an artifact, or None (none, or not asked for)."""
@@ -265,8 +331,10 @@ class SearchRun:
             }
             run_id = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_id}", tags=tags).info.run_id
             log_params(self.client, run_id, params)
+            self._new_runs.add(trial_id)
         else:
             self.client.update_run(run_id, status="RUNNING")
+            self._logged.pop(trial_id, None)  # its steps are read from the store when it reports
         self.state["trials"][trial_id] = run_id
         _write_state(self.folder, self.state)
 
@@ -303,7 +371,7 @@ class SearchRun:
             self.logger.submit("the study plots", lambda: _log_plots(client, parent, study))
         if best and summary.best_config is not None and summary.best_checkpoint:
             self.logger.submit(
-                f"registering the best model as '{self.model_name}'",
+                f"the best model, registered as '{self.model_name}'",
                 lambda: self._register(summary.best_checkpoint, summary.best_config, best.id, best.best_metrics),
             )
 
@@ -346,14 +414,46 @@ def run_status(outcome: Outcome) -> str:
 
 def close_run(client, run_id: str, outcome: Outcome, error: str | None, best_checkpoint: str | None) -> None:
     """A trial's or a training run's end: its outcome (and error) as tags, its best checkpoint
-    (a local path or gs://) as an artifact, and MLflow's run state."""
+    (a local path or gs://) as an artifact, and MLflow's run state. The run ends also when the
+    checkpoint cannot be logged (the error is raised, and reported): a run left RUNNING would
+    look alive for ever."""
     client.set_tag(run_id, "posetune.status", outcome.value)
     if error:
         client.set_tag(run_id, "posetune.error", error[:5000])
-    if best_checkpoint is not None:  # one that cannot be read is reported as not logged
-        with storage.local_copy(best_checkpoint) as local:
-            client.log_artifact(run_id, str(local), "checkpoints")
-    client.set_terminated(run_id, run_status(outcome))
+    try:
+        if best_checkpoint is not None:
+            log_checkpoint(client, run_id, best_checkpoint)
+    finally:
+        client.set_terminated(run_id, run_status(outcome))
+
+
+# What a logged checkpoint keeps: the weights and the config that rebuilds the model (all that
+# `posetune evaluate` / `predict --checkpoint` read) and where training stood. The optimizer,
+# grad-scaler and RNG states, about two thirds of the file, only resume training, which reads
+# the experiment folder's (or the run folder's) full checkpoint.
+LOGGED_CHECKPOINT_KEYS = ("config", "model", "epoch", "step", "samples_seen", "history", "best")
+
+
+def log_checkpoint(client, run_id: str, checkpoint: str) -> None:
+    """A checkpoint (a local path or gs://) as the run's ``checkpoints/<name>``, weights only.
+    One that cannot be read is a CheckpointError: reported as not logged, never retried."""
+    from posetune.train.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, posixpath.basename(str(checkpoint).rstrip("/")))
+        save_checkpoint({key: state[key] for key in LOGGED_CHECKPOINT_KEYS if key in state}, path)
+        del state
+        client.log_artifact(run_id, str(path), "checkpoints")
+
+
+def _record_points(record: TrialRecord) -> list:
+    """A trial's metrics as results.json has them: at its last and at its best evaluation."""
+    best_step = int(record.best_metrics.get("samples_seen", record.samples_seen))
+    points = _metrics_batch(record.metrics, record.samples_seen)
+    if best_step != record.samples_seen:
+        points += _metrics_batch(record.best_metrics, best_step)
+    return points
 
 
 def _tag_list(tags: dict[str, Any]):
@@ -454,13 +554,14 @@ class TrainRun:
         trained = self.evaluated or outcome is Outcome.DIVERGED or not isinstance(exc, PosetuneError)
         if trained:
             error = None if exc is None else str(exc) or type(exc).__name__
-            self.logger.submit("final status, config, metrics and best checkpoint", lambda: self._close(outcome, error))
+            what = "the final status, config, metrics and best checkpoint"
+            self.logger.submit(what, lambda: self._close(outcome, error))
         name = self.cfg.tracking.registered_model_name
         if name and outcome is Outcome.COMPLETED:
             best = json.loads((self.out_dir / "metrics.json").read_text())["best"]
             checkpoint = str(self.out_dir / "checkpoints" / "best.pt")
             self.logger.submit(
-                f"registering the model as '{name}'",
+                f"the model, registered as '{name}'",
                 lambda: register_model(self.uri, self.run_id, checkpoint, self.cfg, name, best),
             )
         self.unlogged = self.logger.close(timeout_s=300)
@@ -479,7 +580,7 @@ class TrainRun:
             self._open_run()
             self.client.log_batch(self.run_id, metrics=batch)
 
-        self.logger.submit(f"metrics at {evaluation.samples_seen} samples", apply)
+        self.logger.submit(f"the metrics at {evaluation.samples_seen} samples", apply)
 
     def _open_run(self) -> None:
         if self.run_id is not None:

@@ -8,15 +8,19 @@ in ``runs/mlartifacts``), which needs no server and is what ``posetune ui`` open
 
 Calls go through ``AsyncLogger``, a background thread that applies them in order and keeps
 retrying while the server is away: training never waits on tracking, and a restarted server
-catches up.
+catches up. A call the store refuses (an upload it cannot write, a rejected value, a local file
+that is gone) is reported, not retried for ever: it would hold up every call behind it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
 import re
+import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -104,14 +108,49 @@ def experiment_id_for(client, name: str, uri: str) -> str:
 
 # --- Background logging -----------------------------------------------------------------------
 
+# How a failed call is retried (``failure_kind``): an OUTAGE (the server cannot be reached) until it
+# goes through or ``close`` gives up; a BRIEF error (the server answered 500 or 429, or SQLite was
+# locked) for ``BRIEF_RETRY_S`` at most; a PERMANENT one (a rejected value, a missing or unreadable
+# local file, a full disk) not at all. The queue is ordered: every call waits behind the one being
+# retried, so only a server that is away may hold it up for long.
+OUTAGE, BRIEF, PERMANENT = "outage", "brief", "permanent"
+BRIEF_RETRY_S = 30.0  # a few backoffs: an overloaded server recovers; an unwritable artifact root never does
+
+# OSErrors about local files: the same call fails the same way again.
+_PERMANENT_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ENAMETOOLONG,
+        errno.EFBIG,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.ELOOP,
+        errno.EBADF,
+    }
+)
+# OSErrors of a network that is down or a server that is away (ConnectionError and TimeoutError
+# cover refused, reset and timed-out connections).
+_OUTAGE_ERRNOS = frozenset(
+    {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EAGAIN, errno.EADDRNOTAVAIL}
+)
+
 
 class AsyncLogger:
-    """Applies MLflow calls in order on a background thread, retrying transient failures
-    (server down, timeouts) with backoff until they succeed or ``close`` gives up on them."""
+    """Applies MLflow calls in order on a background thread: a call the store could not take
+    is retried with backoff as ``failure_kind`` says, and reported in ``failed`` when it never
+    went through."""
 
-    def __init__(self, max_backoff_s: float = 15.0):
+    def __init__(self, max_backoff_s: float = 15.0, brief_retry_s: float | None = None):
         self._queue: queue.Queue = queue.Queue()
         self._max_backoff = max_backoff_s
+        self._brief_retry_s = BRIEF_RETRY_S if brief_retry_s is None else brief_retry_s
         self._closing = threading.Event()
         self._busy = False
         self.failed: list[str] = []  # what could not be logged, and why
@@ -151,38 +190,89 @@ class AsyncLogger:
             self._busy = False
 
     def _apply(self, what: str, call: Callable[[], Any]) -> None:
-        backoff, down = 1.0, False
+        backoff, down, tries, first_failure = 1.0, False, 0, 0.0
         while True:
             try:
                 call()
             except Exception as exc:  # classified below
-                if not _transient(exc):
-                    self.failed.append(f"{what}: {str(exc).splitlines()[0][:200]}")
-                    log.warning("MLflow: could not log %s: %s", what, str(exc).splitlines()[0][:200])
+                kind, reason, tries = failure_kind(exc), _first_line(exc), tries + 1
+                first_failure = first_failure or time.monotonic()
+                if kind == PERMANENT:
+                    self._fail(f"{what}: {reason}")
                     return
                 if self._closing.is_set():
-                    self.failed.append(f"{what} (gave up: {str(exc).splitlines()[0][:120]})")
+                    self._fail(f"{what} (gave up: {reason[:120]})")
                     return
-                if not down:
+                if kind == BRIEF and time.monotonic() - first_failure >= self._brief_retry_s:
+                    self._fail(f"{what}: {reason} (still failing after {tries} tries)")
+                    return
+                if kind == OUTAGE and not down:
                     down = True
                     self.outages += 1
-                    log.warning("MLflow unavailable (%s); retrying in the background", str(exc).splitlines()[0][:100])
-                time.sleep(backoff)
+                    log.warning("MLflow unavailable (%s); retrying in the background", reason[:100])
+                elif kind == BRIEF and tries == 1:
+                    log.warning("MLflow: %s failed (%s); retrying for %.0f s", what, reason[:100], self._brief_retry_s)
+                self._closing.wait(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
                 continue
             if down:
                 log.info("MLflow reachable again; catching up")
             return
 
+    def _fail(self, message: str) -> None:
+        self.failed.append(message)
+        log.warning("MLflow: could not log %s", message)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def failure_kind(exc: BaseException) -> str:
+    """OUTAGE, BRIEF or PERMANENT: how a failed MLflow call is retried (see ``BRIEF_RETRY_S``)."""
+    status = _http_status(exc)
+    if status is not None:
+        if status in (502, 503, 504):  # a proxy whose server is away (restarting, not up yet)
+            return OUTAGE
+        return BRIEF if status == 429 or status >= 500 else PERMANENT
+    text = str(exc)
+    if "database is locked" in text:
+        return BRIEF
+    if "failed with exception" in text:  # MLflow's wording for a connection that failed
+        return OUTAGE
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)) or _requests_outage(exc):
+        return OUTAGE
+    if isinstance(exc, OSError):
+        if exc.errno in _PERMANENT_ERRNOS:
+            return PERMANENT
+        # An unknown OSError may be either: retried a while, never for ever.
+        return OUTAGE if exc.errno in _OUTAGE_ERRNOS else BRIEF
+    return PERMANENT
+
 
 def _transient(exc: Exception) -> bool:
-    """Worth retrying: the store could not be reached or was briefly overloaded. Anything else
-    (a rejected value, a missing run, a bug) would fail the same way again."""
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
-        return True
+    """Worth retrying at all (the flat layout's name; see ``failure_kind``)."""
+    return failure_kind(exc) != PERMANENT
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status a server answered the call with, when it answered one."""
     text = str(exc)
-    return (
-        "failed with exception" in text  # MLflow's wording for a transport failure
-        or re.search(r"failed with error code (429|5\d\d)", text) is not None
-        or "database is locked" in text
-    )
+    found = re.search(r"failed with error code (\d{3})|too many (\d{3}) error responses", text)
+    if found:
+        return int(found.group(1) or found.group(2))
+    response = getattr(exc, "response", None)  # requests.HTTPError
+    status = getattr(response, "status_code", None)
+    if isinstance(status, int):
+        return status
+    exceptions = sys.modules.get("mlflow.exceptions")  # loaded whenever MLflow raised it
+    if exceptions is not None and isinstance(exc, exceptions.RestException):
+        return exc.get_http_status_code()  # the server's JSON error (RESOURCE_DOES_NOT_EXIST: 404)
+    return None
+
+
+def _requests_outage(exc: BaseException) -> bool:
+    """requests' connection errors and timeouts are OSErrors without an errno."""
+    requests = sys.modules.get("requests")
+    return requests is not None and isinstance(exc, (requests.ConnectionError, requests.Timeout))
