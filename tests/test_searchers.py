@@ -98,3 +98,18 @@ def test_a_diverged_trial_ranks_below_every_stopped_trial_in_optuna():
     assert stopped.state.name == diverged.state.name == "PRUNED"
     assert stopped.intermediate_values == {step: 15.0, 2 * step: 14.0}
     assert diverged.intermediate_values == {0: DIVERGED_SCORE}
+
+
+def test_a_failed_trial_run_again_by_retry_failed_reaches_optuna():
+    """Optuna was told FAIL; --retry-failed ran it again and it completed: its outcome is in
+    the study (a trial of the same parameters), so TPE learns from it."""
+    space, _ = load_space("search_spaces/quick.yaml")
+    budget = space.search.asha.max_samples
+    searcher = build_searcher(space)
+    searcher.suggest("t")
+    searcher.on_trial_complete("t", None, error=True)
+    searcher.on_trial_result("t", {"pose_error": 4.0, "samples_seen": 4000})
+    searcher.on_trial_complete("t", {"pose_error": 3.0, "samples_seen": budget})
+    failed, again = searcher._ot_study.trials
+    assert failed.state.name == "FAIL" and again.state.name == "COMPLETE" and again.value == 3.0
+    assert again.params == failed.params and again.intermediate_values == {4000: 4.0, budget: 3.0}

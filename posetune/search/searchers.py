@@ -73,24 +73,46 @@ class BudgetAwareOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         told = internals.searcher_told(self)
-        if trial_id in told:
-            super().on_trial_complete(trial_id, result, error)
-            return
         if result and not error:  # ASHA's stopping result arrives here, not through on_trial_result
             self.on_trial_result(trial_id, result)
+        if trial_id in told:  # failed before, run again by --retry-failed
+            self._tell_again(trial_id, result, error)
+            return
         trial = internals.searcher_trial(self, trial_id)
-        if result and result.get("diverged"):
-            worst = -DIVERGED_SCORE if self.mode == "max" else DIVERGED_SCORE
-            trial.report(worst, 0)
-        else:
-            for step, value in sorted(self._curve(trial_id).items()):
-                trial.report(value, step)
-        stopped = bool(result) and result.get("samples_seen", 0) < self._budget
-        if error or not result or not (result.get("diverged") or stopped):
+        for step, value in sorted(self._steps(trial_id, result).items()):
+            trial.report(value, step)
+        if error or not result or not (result.get("diverged") or self._stopped(result)):
             super().on_trial_complete(trial_id, result, error)
             return
         internals.searcher_study(self).tell(trial, state=TrialState.PRUNED)
         told.add(trial_id)
+
+    def _steps(self, trial_id: str, result: dict | None) -> dict[int, float]:
+        """What Optuna gets as the trial's intermediate values."""
+        if result and result.get("diverged"):
+            return {0: -DIVERGED_SCORE if self.mode == "max" else DIVERGED_SCORE}
+        return self._curve(trial_id)
+
+    def _stopped(self, result: dict) -> bool:
+        return result.get("samples_seen", 0) < self._budget
+
+    def _tell_again(self, trial_id: str, result: dict | None, error: bool) -> None:
+        """Optuna cannot tell a finished trial twice: the new outcome of a failed trial that
+        --retry-failed ran again is added as a trial of the same parameters."""
+        study = internals.searcher_study(self)
+        before = study.trials[internals.searcher_trial(self, trial_id).number]
+        if error or not result or before.state is not TrialState.FAIL:
+            return
+        partial = bool(result.get("diverged")) or self._stopped(result)
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=before.params,
+                distributions=before.distributions,
+                value=None if partial else float(result[self.metric]),
+                state=TrialState.PRUNED if partial else TrialState.COMPLETE,
+                intermediate_values=self._steps(trial_id, result),
+            )
+        )
 
     def _curve(self, trial_id: str) -> dict[int, float]:
         # A searcher state saved before _curves existed is restored into __dict__ without it.
