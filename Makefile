@@ -60,7 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/step.py
 	$(BIN)/python benchmarks/gpu.py  # measures only where a CUDA GPU is; says so and skips elsewhere
 	$(BIN)/python benchmarks/search_efficiency.py replay  # over the committed recording (record: ~1 h)
-	$(BIN)/python benchmarks/external.py  # public HPO benchmarks (the bench extra), ~15 min on 2 cores
+	$(BIN)/python benchmarks/external.py  # public HPO benchmarks (the bench extra), ~10 min on 2 cores
 
 clean:
 	rm -rf runs data/quick
