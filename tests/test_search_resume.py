@@ -70,6 +70,15 @@ def test_sigkill_then_resume_skips_finished_trials(synth_small, tmp_path):
     (interrupted,) = [i for i, r in before.items() if r["status"] == "running"]
     # Ray's processes share the driver's fate: nothing is left running.
     wait_for(lambda: not ray_processes(), 60, "Ray processes to exit after SIGKILL")
+    # A kill while a finished trial's close was still queued leaves its run RUNNING; whether the
+    # kill comes then is up to the scheduler, so the store is put in that state here.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    child_of = json.loads((tmp_path / "runs" / "k" / "tracking.json").read_text())["trials"]
+    for trial in finished:
+        client.update_run(child_of[trial], status="RUNNING")
+        client.set_tag(child_of[trial], "posetune.status", "running")
 
     resumed = subprocess.run(
         [sys.executable, "-m", "posetune", "search", str(space), "--resume"],
@@ -94,9 +103,6 @@ def test_sigkill_then_resume_skips_finished_trials(synth_small, tmp_path):
     assert "Cleaning up placement group" not in resumed.stdout + resumed.stderr
 
     # MLflow: one parent, exactly one child per trial; the interrupted trial continued its run.
-    from mlflow import MlflowClient
-
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("k").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("posetune.kind") == "search"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -106,6 +112,11 @@ def test_sigkill_then_resume_skips_finished_trials(synth_small, tmp_path):
     # Calls still queued in the killed driver are lost; nothing is logged twice.
     assert steps == sorted(set(steps)) and steps[-1] == 576 and len(steps) >= 4, steps
     assert continued.data.tags["posetune.status"] == "completed" and parent.info.status == "FINISHED"
+    for child in children:  # the finished trials' runs were ended by the resume, from results.json
+        trial = child.data.tags["posetune.trial_id"]
+        assert child.info.status == "FINISHED" and child.data.tags["posetune.status"] == after[trial]["status"]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "pose_error")]
+        assert steps == sorted(set(steps)) and steps[-1] == after[trial]["samples_seen"], (trial, steps)
 
 
 @pytest.fixture(scope="module")

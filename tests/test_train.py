@@ -111,6 +111,10 @@ def test_resume_ends_where_an_uninterrupted_run_would(synth_small, tmp_path):
     assert a["step"] == b["step"] and a["samples_seen"] == b["samples_seen"]
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    # An MLflow run's checkpoints/best.pt keeps the weights and config only: refused, not a KeyError.
+    save_checkpoint({key: b[key] for key in ("config", "model", "samples_seen")}, tmp_path / "weights.pt")
+    with pytest.raises(ConfigError, match="holds weights only"):
+        fit(tiny_config(synth_small, tmp_path / "c", f"checkpoint.resume={tmp_path / 'weights.pt'}"))
 
 
 def test_evaluations_at_sample_milestones_whatever_the_batch_size(synth_small, tmp_path):

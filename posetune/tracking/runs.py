@@ -46,6 +46,7 @@ from posetune.tracking.store import (
     experiment_id_for,
     mlflow_client,
     resolve_tracking_uri,
+    server_probe,
 )
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class SearchRun:
         self.parent_run_id = self.state["parent_run_id"]
         if lost:
             self.recreated.append(f"parent run {self.parent_run_id}")
-        self.logger = AsyncLogger()
+        self.logger = AsyncLogger(server_answers=server_probe(self.uri))
         log.info("MLflow: experiment '%s' at %s, parent run %s", self.experiment_name, self.uri, self.parent_run_id)
 
     def _log_space(self, run_id: str) -> None:
@@ -546,7 +547,7 @@ class TrainRun:
 
     def __enter__(self) -> TrainRun:
         check_tracking_uri(self.uri, create=False)  # an embedded store is made by the first evaluation
-        self.logger = AsyncLogger()
+        self.logger = AsyncLogger(server_answers=server_probe(self.uri))
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:

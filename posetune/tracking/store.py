@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +56,24 @@ def artifact_root_for(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return str(Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts")
     return None
+
+
+def server_probe(uri: str) -> Callable[[], bool] | None:
+    """For a tracking server, a check that it answers /health: a call that failed as if the
+    server were away while it answers failed on its own (a reset upload), and is not retried
+    for ever. None for a store without a server."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+                response.read()
+        except OSError:  # URLError too
+            return False
+        return True
+
+    return answers
 
 
 def check_tracking_uri(uri: str, create: bool = True) -> None:
@@ -147,8 +166,14 @@ class AsyncLogger:
     is retried with backoff as ``failure_kind`` says, and reported in ``failed`` when it never
     went through."""
 
-    def __init__(self, max_backoff_s: float = 15.0, brief_retry_s: float | None = None):
+    def __init__(
+        self,
+        max_backoff_s: float = 15.0,
+        brief_retry_s: float | None = None,
+        server_answers: Callable[[], bool] | None = None,  # ``server_probe``'s check
+    ):
         self._queue: queue.Queue = queue.Queue()
+        self._server_answers = server_answers
         self._max_backoff = max_backoff_s
         self._brief_retry_s = BRIEF_RETRY_S if brief_retry_s is None else brief_retry_s
         self._closing = threading.Event()
@@ -190,28 +215,32 @@ class AsyncLogger:
             self._busy = False
 
     def _apply(self, what: str, call: Callable[[], Any]) -> None:
-        backoff, down, tries, first_failure = 1.0, False, 0, 0.0
+        backoff, down, tries, brief_since = 1.0, False, 0, None
         while True:
             try:
                 call()
             except Exception as exc:  # classified below
-                kind, reason, tries = failure_kind(exc), _first_line(exc), tries + 1
-                first_failure = first_failure or time.monotonic()
+                kind, reason, tries = failure_kind(exc), _reason(exc), tries + 1
+                if kind == OUTAGE and self._server_answers is not None and self._server_answers():
+                    kind = BRIEF  # the server is there: this call fails on its own
                 if kind == PERMANENT:
                     self._fail(f"{what}: {reason}")
                     return
                 if self._closing.is_set():
                     self._fail(f"{what} (gave up: {reason[:120]})")
                     return
-                if kind == BRIEF and time.monotonic() - first_failure >= self._brief_retry_s:
+                if kind == OUTAGE:
+                    brief_since = None  # the server's own errors are timed from when it is back
+                    if not down:
+                        down = True
+                        self.outages += 1
+                        log.warning("MLflow unavailable (%s); retrying in the background", reason[:200])
+                elif brief_since is None:
+                    brief_since = time.monotonic()
+                    log.warning("MLflow: %s failed (%s); retrying for %.0f s", what, reason[:200], self._brief_retry_s)
+                elif time.monotonic() - brief_since >= self._brief_retry_s:
                     self._fail(f"{what}: {reason} (still failing after {tries} tries)")
                     return
-                if kind == OUTAGE and not down:
-                    down = True
-                    self.outages += 1
-                    log.warning("MLflow unavailable (%s); retrying in the background", reason[:100])
-                elif kind == BRIEF and tries == 1:
-                    log.warning("MLflow: %s failed (%s); retrying for %.0f s", what, reason[:100], self._brief_retry_s)
                 self._closing.wait(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
                 continue
@@ -224,9 +253,15 @@ class AsyncLogger:
         log.warning("MLflow: could not log %s", message)
 
 
-def _first_line(exc: BaseException) -> str:
+def _reason(exc: BaseException) -> str:
+    """Why a call failed, in one short line: for MLflow's connection errors the endpoint and
+    urllib3's cause, not the pool's repr."""
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    line = text.splitlines()[0] if text else type(exc).__name__
+    found = re.search(r"API request to (\S+) failed with exception .*\(Caused by (.*)\)", line)
+    if found:
+        line = f"{found.group(2)} from {urllib.parse.urlsplit(found.group(1)).path}"
+    return line[:300]
 
 
 def failure_kind(exc: BaseException) -> str:
