@@ -203,7 +203,7 @@ def test_a_head_only_cluster_plans_for_the_gpu_types_it_can_start(fake_home, tmp
 
         request_resources(bundles=[plan.worker])
         gpu_types = {t.name for t in shape.autoscaler.node_types if t.resources.get("GPU")}
-        wait_for(lambda: set(cluster.worker_types_up()) & gpu_types, 120, "a GPU node type to start")
+        wait_for(lambda: set(cluster.worker_types_up()) & gpu_types, 300, "a GPU node type to start")
         request_resources(bundles=[])
     finally:
         ray.shutdown()
@@ -261,7 +261,7 @@ def cpu_cluster(fake_home, gcs):
 
 def log_clock(log: str, event: str) -> int:
     """Seconds into the search of a progress line ("[  1:16] trial 3c5d07b8 completed ...")."""
-    (clock,) = [line[1:8] for line in log.splitlines() if line.startswith("[") and event in line]
+    (clock,) = [line[1 : line.index("]")] for line in log.splitlines() if line.startswith("[") and event in line]
     minutes, seconds = clock.strip().split(":")
     return 60 * int(minutes) + int(seconds)
 

@@ -306,5 +306,7 @@ def connect_ray(num_cpus: int | None = None) -> bool:
     # training (measured ~5% of a 2-core box). Local instances skip it unless the user asks.
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=no_preemption, **quiet)
+    # address="local": a new instance, even where a killed cluster left its address behind
+    # (/tmp/ray/ray_current_cluster, which ray.init would otherwise try to join).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env=no_preemption, **quiet)
     return True
