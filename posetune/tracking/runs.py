@@ -481,7 +481,8 @@ def space_params(space: SearchSpace) -> dict[str, Any]:
 class SearchTracking(Protocol):
     """What ``open_search_run`` returns: a listener of the search's events that, as a context
     manager, closes what it opened. ``uri`` is None when nothing is tracked; ``unlogged`` lists
-    what MLflow did not receive, once closed; ``recreated`` the runs made again because the
+    what MLflow did not receive, once closed (a ``SearchRun`` also adds them to the search's
+    summary: its problems and summary.txt); ``recreated`` the runs made again because the
     store had lost them (a resume after the head and its store were gone)."""
 
     uri: str | None
