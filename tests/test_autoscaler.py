@@ -100,6 +100,7 @@ class FakeCluster:
             }
 
     def start(self) -> None:
+        import ray.autoscaler.v2.utils as autoscaler_v2_utils
         from ray._private.services import find_gcs_addresses
         from ray._private.services import get_node_ip_address as node_ip_address
 
@@ -107,6 +108,9 @@ class FakeCluster:
         # found: wait for none, forget them, and give the head a port of its own.
         wait_for(lambda: not ray_processes(), 60, "an earlier test's Ray processes to exit")
         find_gcs_addresses.cache_clear()
+        # Ray also caches, per process, whether the cluster runs autoscaler v2: an earlier
+        # test's instance would send this one's resource requests the v1 way, which v2 ignores.
+        autoscaler_v2_utils.cached_is_autoscaler_v2 = None
         port = free_port()
         # The fake provider's nodes join the GCS at gcs_address (default: port 6379).
         self.config["provider"] = {**self.config["provider"], "gcs_address": f"{node_ip_address()}:{port}"}
