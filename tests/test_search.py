@@ -340,15 +340,29 @@ def test_a_train_run_restored_at_its_final_checkpoint_says_again_how_it_ended(ra
     assert again["checkpoint"]  # the final checkpoint is attached again
 
 
+def one_cpu_trial_setup(space, base, tmp_path, finished=None, failed=None):
+    """The TrialSetup a search of `space` would pass its trials on a 2-CPU node, 96 samples."""
+    from posetune.cluster.placement import ClusterShape, Node
+    from posetune.cluster.placement import plan_resources as plan_for_nodes
+    from posetune.search.trial import TrialSetup
+
+    plan = plan_for_nodes(
+        workers_per_trial=1,
+        cpus_per_worker=1,
+        gpus_per_worker=0,
+        num_samples=2,
+        max_concurrent_trials=None,
+        cluster=ClusterShape([Node({"CPU": 2.0})]),
+    )
+    return TrialSetup(space, base.to_dict(), 96, plan, str(tmp_path / "train"), finished or {}, failed or {})
+
+
 def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path):
     """Tune may restart a trial whose end it had not saved: the trial re-reports its recorded
     end, or fails again at once if it had failed (trial.run_trial), and no listener hears of it,
     so its record and MLflow run stay final."""
-    from posetune.cluster.placement import ClusterShape, Node
-    from posetune.cluster.placement import plan_resources as plan_for_nodes
     from posetune.search.results import SearchResults, TrialEnded, TrialStarted
     from posetune.search.run import TrialEvents
-    from posetune.search.trial import TrialSetup
 
     space, base = load_space(tiny_space(tmp_path, synth_small))
     results = SearchResults(str(tmp_path / "results.json"), "pose_error", "min", {})
@@ -360,16 +374,8 @@ def test_trials_that_ended_before_a_resume_send_no_events(synth_small, tmp_path)
     assert set(finished) == {"done"}  # a failed trial is not an ending to replay
     assert finished["done"]["samples_seen"] == 96
 
-    plan = plan_for_nodes(
-        workers_per_trial=1,
-        cpus_per_worker=1,
-        gpus_per_worker=0,
-        num_samples=2,
-        max_concurrent_trials=None,
-        cluster=ClusterShape([Node({"CPU": 2.0})]),
-    )
     assert results.failed() == {"broken": "boom"}  # a resume without --retry-failed keeps it failed
-    setup = TrialSetup(space, base.to_dict(), 96, plan, str(tmp_path / "train"), finished, results.failed())
+    setup = one_cpu_trial_setup(space, base, tmp_path, finished, results.failed())
     heard = []
     events = TrialEvents([SimpleNamespace(on_event=heard.append)], setup, str(tmp_path))
     for trial_id in ("done", "broken", "new"):
@@ -386,22 +392,11 @@ def test_a_trial_that_diverged_late_keeps_its_checkpoint_and_is_ranked_after_the
     """Its last report (the divergence) carries no checkpoint: its end names the latest one
     it reported, so its record and MLflow run keep its best.pt; it is never the best trial."""
     from posetune.choices import diverged_result
-    from posetune.cluster.placement import ClusterShape, Node
-    from posetune.cluster.placement import plan_resources as plan_for_nodes
     from posetune.search.results import SearchResults
     from posetune.search.run import TrialEvents
-    from posetune.search.trial import TrialSetup
 
     space, base = load_space(tiny_space(tmp_path, synth_small))
-    plan = plan_for_nodes(
-        workers_per_trial=1,
-        cpus_per_worker=1,
-        gpus_per_worker=0,
-        num_samples=2,
-        max_concurrent_trials=None,
-        cluster=ClusterShape([Node({"CPU": 2.0})]),
-    )
-    setup = TrialSetup(space, base.to_dict(), 96, plan, str(tmp_path / "train"))
+    setup = one_cpu_trial_setup(space, base, tmp_path)
     results = SearchResults(str(tmp_path / "results.json"), "pose_error", "min", {})
     events = TrialEvents([results], setup, str(tmp_path))
     config = {"optimizer.lr": 1e-3, "train.beta_loss": 1.0}
