@@ -8,6 +8,7 @@ folder here), which is where posetune reads the node types from."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -322,7 +323,7 @@ def test_a_search_scales_workers_up_from_zero_and_back(cpu_cluster, fake_home, g
     workers = [a for a in actors if a.class_name == "RayTrainWorker"]
     assert len(drivers) == 2 and {a.node_id for a in drivers} == {head}
     assert len(workers) == 2 and head not in {a.node_id for a in workers}
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("zero").experiment_id])
     assert len([r for r in runs if r.data.tags.get("posetune.trial_id")]) == 2
     assert [str(v.version) for v in client.search_model_versions("name='posetune-zero'")] == ["1"]  # best model
@@ -359,7 +360,8 @@ def kill_node(node_id: str) -> None:
     for process in psutil.process_iter(["cmdline"]):
         if f"--node_id={node_id}" in (process.info["cmdline"] or []):
             for member in [*process.children(recursive=True), process]:
-                member.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):  # one may exit on its own meanwhile
+                    member.kill()
             return
     raise AssertionError(f"no raylet for node {node_id}")
 
@@ -394,10 +396,11 @@ def test_preempted_workers_cost_no_finished_work_however_often(cpu_cluster, fake
             alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             (worker,) = [w for w in workers if w.node_id in alive]
-            # The GCS call `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` makes (the CLI,
-            # run from this test's process tree, failed with "GRPC client is shut down"; it was
-            # checked by hand on a two-node cluster), through this driver's GCS client.
-            accepted, why = ray._private.worker.global_worker.gcs_client.drain_node(
+            # The GCS call `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` makes, with a
+            # client of its own as the CLI's (the driver's global one may be a shut-down client
+            # of an earlier test's cluster).
+            gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+            accepted, why = gcs.drain_node(
                 worker.node_id,
                 autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
                 "spot preemption (test)",
