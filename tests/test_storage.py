@@ -198,16 +198,20 @@ class _QuietServer(http.server.ThreadingHTTPServer):
         pass  # the client hung up on purpose (the timeout and size-cap tests)
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    server = _QuietServer(("127.0.0.1", 0), _Files)
+def _serving(server, scheme: str):
+    """Serve _Files on a thread while the fixture's test runs; then stop and forget them."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Files.files
+    yield f"{scheme}://127.0.0.1:{server.server_address[1]}", _Files.files
     server.shutdown()
     server.server_close()
     _Files.files.clear()
     _Files.requests.clear()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    yield from _serving(_QuietServer(("127.0.0.1", 0), _Files), "http")
 
 
 @pytest.fixture
@@ -228,13 +232,7 @@ def https_server(tmp_path_factory, monkeypatch):
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"https://127.0.0.1:{server.server_address[1]}", _Files.files
-    server.shutdown()
-    server.server_close()
-    _Files.files.clear()
-    _Files.requests.clear()
+    yield from _serving(server, "https")
 
 
 def test_http_checkpoint_download_with_sha256(http_server, tmp_path):
