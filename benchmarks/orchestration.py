@@ -9,6 +9,9 @@ thread count from that). Rounds alternate the two so drift on a shared host hits
 Figures: each run's training throughput (mean over epochs 2..N, the `train_images_per_s` that
 fit() records), their ratio, each run's wall time and the difference, which is the search's
 start-up overhead (Ray, Tune, the Train worker group, checkpoint reports).
+The search's wall time is broken down into start-up, training, evaluations and worker set-up,
+reports and shut-down (from the times its worker reported), and its processes' CPU seconds into
+the Train worker, posetune's command and Ray's/Tune's other processes (sampled with psutil).
 Writes benchmarks/results/orchestration.{json,md}.
 """
 
@@ -36,23 +39,95 @@ RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(argv: list[str]) -> float:
-    """Wall seconds of one `posetune` command in a fresh process (same imports and start-up for both)."""
+class CpuSampler:
+    """CPU seconds used by each process of a run and its children, read every 0.5 s (the
+    last reading of a process counts: it exits with the run). Grouped: the Ray Train worker
+    (the training), posetune's own command, and the rest (Ray's raylet, GCS, dashboard, log
+    monitor, the Tune trial driver and Train's controller)."""
+
+    def __init__(self, root: int):
+        import threading
+
+        self.root, self.seconds, self.names = root, {}, {}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self.done.is_set():
+            try:
+                family = [psutil.Process(self.root), *psutil.Process(self.root).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                family = []
+            for process in family:
+                try:
+                    times = process.cpu_times()
+                    self.seconds[process.pid] = times.user + times.system
+                    self.names.setdefault(process.pid, " ".join(process.cmdline())[:200])
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass
+            self.done.wait(0.5)
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.thread.join()
+        groups = {"train worker": 0.0, "posetune command": 0.0, "ray and tune processes": 0.0}
+        for pid, seconds in self.seconds.items():
+            name = self.names.get(pid, "")
+            key = "train worker" if "RayTrainWorker" in name else "posetune command" if pid == self.root else None
+            groups[key or "ray and tune processes"] += seconds
+        return {k: round(v, 1) for k, v in groups.items()}
+
+
+def run(argv: list[str]) -> tuple[float, float, dict[str, float]]:
+    """(wall seconds, start time, CPU seconds by group) of one `posetune` command in a fresh
+    process (same imports and start-up for both)."""
+    launched = time.time()
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "posetune", *argv], check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    process = subprocess.Popen([sys.executable, "-m", "posetune", *argv], stdout=subprocess.DEVNULL)
+    sampler = CpuSampler(process.pid)
+    if process.wait() != 0:
+        raise SystemExit(f"posetune {' '.join(argv)} failed (exit code {process.returncode})")
+    wall = time.perf_counter() - start
+    return wall, launched, sampler.stop()
 
 
 def plain_run(overrides: dict, folder: Path) -> tuple[float, float, int]:
     """(training images/s over epochs 2..N, wall seconds, samples seen) of `posetune train`."""
     args = [f"{k}={v}" for k, v in {**overrides, "system.out_dir": folder}.items()]
-    wall = run(["train", "--config", str(REPO / "configs" / "quick.yaml"), *args])
+    wall, _, _ = run(["train", "--config", str(REPO / "configs" / "quick.yaml"), *args])
     history = json.loads((folder / "metrics.json").read_text())["history"]
     return statistics.mean(h["train_images_per_s"] for h in history[1:]), wall, history[-1]["samples_seen"]
 
 
-def search_run(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[float, float]:
-    """(training images/s over epochs 2..N, wall seconds) of the same training as a one-trial `posetune search`."""
+def breakdown(results: list[dict], launched: float, wall: float) -> dict[str, float]:
+    """Where a one-trial search's wall time goes, from the times its worker reported:
+    start-up (Python, Ray, Tune, the trial driver, Train's controller and worker group) until
+    the worker runs; training (samples / the worker's training images/s); evaluations, data
+    set-up in the worker and the rest of the time between reports; the time reports held
+    training up (metrics, checkpoint snapshot and upload); shut-down after the last report
+    (Train, Tune, Ray, results and the best-checkpoint export)."""
+    started = results[0]["workers_started_at"]
+    previous, training = 0, 0.0
+    for r in results:
+        training += (r["samples_seen"] - previous) / r["train_images_per_s"]
+        previous = r["samples_seen"]
+    reports = sum(r.get("report_s", 0.0) for r in results[1:])  # each row holds the report before it
+    worker = results[-1]["reported_at"] - started
+    return {
+        "startup_s": round(started - launched, 1),
+        "training_s": round(training, 1),
+        "evaluation_and_worker_setup_s": round(worker - training - reports, 1),
+        "reports_s": round(reports, 2),
+        "shutdown_s": round(launched + wall - results[-1]["reported_at"], 1),
+    }
+
+
+def search_run(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[float, float, dict, dict]:
+    """(training images/s over epochs 2..N, wall seconds, breakdown, CPU seconds by group) of
+    the same training as a one-trial `posetune search`."""
     space = {
         # An evaluation per epoch, as the plain run (a search evaluates at sample milestones).
         "base": {
@@ -68,10 +143,11 @@ def search_run(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[
     }
     folder.mkdir(parents=True)
     (folder / "space.yaml").write_text(yaml.safe_dump(space))
-    wall = run(["search", str(folder / "space.yaml")])
+    wall, launched, cpu = run(["search", str(folder / "space.yaml")])
     trial_dir = next((folder / "bench" / "tune").glob("trial-*"))
     results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
-    return statistics.mean(r["train_images_per_s"] for r in results[1:]), wall
+    rate = statistics.mean(r["train_images_per_s"] for r in results[1:])
+    return rate, wall, breakdown(results, launched, wall), cpu
 
 
 def main() -> None:
@@ -98,7 +174,9 @@ def main() -> None:
         # Alternate the two so that drift on a shared host hits both alike.
         for n in range(args.rounds):
             plain_rate, plain_wall, samples = plain_run(overrides, work / f"plain-{n}")
-            trial_rate, search_wall = search_run(overrides, cfg.optimizer.lr, samples, work / f"search-{n}")
+            trial_rate, search_wall, phases, cpu = search_run(
+                overrides, cfg.optimizer.lr, samples, work / f"search-{n}"
+            )
             rounds.append(
                 {
                     "plain_train_img_s": round(plain_rate, 1),
@@ -106,6 +184,8 @@ def main() -> None:
                     "plain_wall_s": round(plain_wall, 1),
                     "search_wall_s": round(search_wall, 1),
                     "throughput_ratio": round(trial_rate / plain_rate, 3),
+                    **{f"search_{k}": v for k, v in phases.items()},
+                    **{f"search_cpu_s_{k.replace(' ', '_')}": v for k, v in cpu.items()},
                 }
             )
             print(rounds[-1], flush=True)
@@ -143,6 +223,25 @@ def main() -> None:
         f"Median trial / plain training throughput: **{figures['median_throughput_ratio']}x**; median wall time "
         f"{figures['wall_ratio']}x, i.e. **{figures['startup_overhead_s']} s** of orchestration overhead "
         "(Ray start, Tune, the Train worker group, checkpoint reports).",
+    ]
+    phase_keys = [k for k in rounds[0] if k.startswith("search_") and k.endswith("_s") and "cpu" not in k]
+    phase_keys.remove("search_wall_s")
+    lines += [
+        "",
+        "Where the one-trial search's wall time goes (median over rounds, seconds; from the times its "
+        "worker reported):",
+        "",
+        "| " + " | ".join(k.removeprefix("search_").removesuffix("_s").replace("_", " ") for k in phase_keys) + " |",
+        "| " + " | ".join("---:" for _ in phase_keys) + " |",
+        "| " + " | ".join(str(median[k]) for k in phase_keys) + " |",
+        "",
+        "CPU seconds during the search (median over rounds): "
+        + ", ".join(
+            f"{k.removeprefix('search_cpu_s_').replace('_', ' ')} {median[k]}"
+            for k in rounds[0]
+            if k.startswith("search_cpu_s_")
+        )
+        + f"; the plain run's wall time is {figures['median_plain_wall_s']} s on the same 2 cores.",
     ]
     (RESULTS / "orchestration.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -46,18 +46,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg.system.out_dir = cfg.system.out_dir or str(default_out_dir())
     start = time.perf_counter()
+    unlogged: list[str] = []
     if cfg.tracking.enabled:
         from posetune.tracking.runs import TrainRun
 
         with TrainRun(cfg, storage.local_path(cfg.system.out_dir, "system.out_dir")) as run:
             result = fit(cfg, on_evaluation=run.on_evaluation)
+        unlogged = run.unlogged
     else:
         result = fit(cfg)
     print(f"run folder: {result.out_dir}  ({time.perf_counter() - start:.0f} s)")
     if result.best:
         print(f"best evaluation (epoch {result.best['epoch']}):")
         _print_metrics(result.best)
-    return 0
+    for item in unlogged:  # also warned on stderr as they happen; the run folder has them all
+        print(f"error: MLflow did not receive {item}")
+    return 1 if unlogged else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -100,6 +100,17 @@ def ray_cluster():
 # --- Servers on 127.0.0.1 --------------------------------------------------------------------
 
 
+@pytest.fixture
+def server(tmp_path):
+    """A real `mlflow server` on a free local port, stopped at the test's end."""
+    from helpers import MlflowServer
+
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def gcs():
     """One emulator for the session; every process started from the tests inherits its address."""

@@ -1,6 +1,6 @@
 """Plain helpers the tests import (fixtures live in conftest.py): search spaces small enough
 for a trial to train in seconds, waiting and Ray-process checks, free ports, the GCS emulator's
-client, and hand-made Perception datasets."""
+client, a real MLflow server, and hand-made Perception datasets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -334,3 +337,55 @@ def write_solo(root: Path, frames: list[tuple[tuple, tuple]], label="cube_positi
         }
         (folder / "step0.frame_data.json").write_text(json.dumps(frame))
     (root / "metadata.json").write_text("{}")
+
+
+class MlflowServer:
+    """`mlflow server` as a user starts it, on a free local port; can be killed and restarted."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.folder / "artifacts"),
+        ]
+        log = open(self.folder / "server.log", "a")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(command, stdout=log, stderr=log)
+        wait_for(self.healthy, 120, "the MLflow server to start")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def refuse_uploads(self) -> None:
+        """Make the server's artifact root a file: every upload it proxies then fails there and
+        it answers 500, as when the disk it writes artifacts to is gone (chmod would not stop
+        a root process)."""
+        import shutil
+
+        root = self.folder / "artifacts"
+        shutil.rmtree(root, ignore_errors=True)
+        root.write_text("not a folder\n")
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.process = None

@@ -347,8 +347,9 @@ def test_a_search_scales_workers_up_from_zero_and_back(cpu_cluster, fake_home, g
         assert child.data.tags["posetune.status"] == "completed" and "pose_error" in child.data.metrics
         assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
 
-    # Ray Train's autoscaling coordinator keeps a trial's resource request for up to 180 s
-    # (AUTOSCALING_REQUESTS_EXPIRE_TIME_S) after a trial ends; then the idle timeout applies.
+    # The trials ended on their own at the budget (search.searchers.BudgetASHA), so Ray Train
+    # withdrew their autoscaler requests; then the idle timeout applies. (A trial that Tune
+    # stops keeps its request for 180 s: Train's AUTOSCALING_REQUESTS_EXPIRE_TIME_S.)
     wait_for(lambda: cpu_cluster.worker_types_up() == [], 300, "the autoscaler to remove the idle workers")
 
 
@@ -386,19 +387,27 @@ def test_preempted_workers_cost_no_finished_work_however_often(cpu_cluster, fake
             return 0
         return max((r["samples_seen"] for r in json.loads(storage.read_text(results))["trials"]), default=0)
 
+    def fresh_worker(killed: set[str]):
+        """The trial's one live worker on a node not killed yet, or None. The GCS still lists a
+        killed node alive (and its actor) until health checks miss it, which takes longer under
+        load, and results.json can still bring the killed worker's last report: a drain sent
+        to that node waits on a raylet that is gone, and fails "GRPC client is shut down"."""
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        fresh = [w for w in workers if w.node_id not in killed]
+        return fresh[0] if len(fresh) == 1 else None
+
     driver = start_search(space, tmp_path, {**os.environ, "HOME": str(fake_home)})
-    reached = []
+    reached, killed = [], set()
     try:
         for _ in range(WORKER_RESTARTS + 1):
+            wait_for(lambda: fresh_worker(killed) is not None, 300, "the trial's worker on a node not killed yet")
             before = samples()
             wait_for(lambda before=before: samples() > before, 300, "a new checkpointed result")
             reached.append(samples())
-            alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            (worker,) = [w for w in workers if w.node_id in alive]
+            worker = fresh_worker(killed)
+            assert worker is not None, "the trial's worker went away without a kill"
             # The GCS call `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` makes, with a
-            # client of its own as the CLI's (the driver's global one may be a shut-down client
-            # of an earlier test's cluster).
+            # client of its own as the CLI's.
             gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
             accepted, why = gcs.drain_node(
                 worker.node_id,
@@ -409,6 +418,7 @@ def test_preempted_workers_cost_no_finished_work_however_often(cpu_cluster, fake
             assert accepted, why
             time.sleep(2)
             kill_node(worker.node_id)
+            killed.add(worker.node_id)
         driver.wait(timeout=600)
     finally:
         if driver.poll() is None:

@@ -182,3 +182,29 @@ def test_experiments_open_on_the_runs_table(tmp_path):
     assert experiment_id_for(client, "old", uri) == old
     for experiment_id in (created, old):
         assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.server
+def test_train_exits_1_naming_what_mlflow_did_not_receive(server, synth_small, tmp_path, capsys, monkeypatch):
+    """A real server that answers 500 to every upload: the run's files and checkpoint do not
+    reach it, and `posetune train` says so and exits 1 (it used to exit 0)."""
+    from posetune import cli
+
+    monkeypatch.setattr("posetune.tracking.store.BRIEF_RETRY_S", 1.0)  # the default retries 30 s per upload
+    server.refuse_uploads()
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            "configs/quick.yaml",
+            f"dataset.root={synth_small}",
+            f"system.out_dir={tmp_path / 'run'}",
+            f"tracking.tracking_uri={server.uri}",
+            *FAST,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "error: MLflow did not receive the final status, config, metrics and best checkpoint" in out
+    assert "best evaluation (epoch" in out  # the training itself is reported as usual
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()  # and kept in the run folder

@@ -177,3 +177,71 @@ def test_a_mid_group_checkpoint_keeps_the_group_update():
             assert torch.allclose(value, out[f"True{rank}"][key], atol=1e-12), key
     for a, b in zip(out["saved0"], out["saved1"], strict=True):
         assert torch.equal(a, b)
+
+
+class _TinyPose(torch.nn.Module):
+    """A pose model small enough to compile in seconds: pixels -> (translation, quaternion)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(3 * 8 * 8, 7)
+
+    def forward(self, images):
+        out = self.net(images.flatten(1))
+        return out[:, :3], out[:, 3:]
+
+
+def _all_reduce_rank(rank: int, port: int, compile_model: bool, out: dict) -> None:
+    """One epoch of 4 micro-batches in groups of 2 through train_batches, counting DDP's
+    gradient all-reduces with a comm hook."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from posetune.config import Config
+    from posetune.train.loop import Step, train_batches
+    from posetune.train.resume import TrainState
+    from posetune.train.runtime import Runtime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        ddp = DistributedDataParallel(_TinyPose())
+        calls = []
+
+        def counting(state, bucket):
+            calls.append(1)
+            return allreduce_hook(None, bucket)
+
+        ddp.register_comm_hook(None, counting)
+        cfg = Config()
+        cfg.train.accumulation_steps, cfg.optimizer.grad_clip_norm = 2, None
+        rt = Runtime(torch.device("cpu"), rank, 2, normalize="none")
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        compiled = torch.compile(ddp, backend="eager") if compile_model else None
+        step = Step(ddp, optimizer, scaler, get_orientation_loss("geodesic"), rt, cfg, lambda _: 0.1, compiled)
+        generator = torch.Generator().manual_seed(rank)
+        loader = [
+            (
+                torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8, generator=generator),
+                torch.rand(2, 3, generator=generator),
+                torch.nn.functional.normalize(torch.randn(2, 4, generator=generator), dim=1),
+            )
+            for _ in range(4)
+        ]
+        list(train_batches(step, loader, TrainState()))
+        out[rank] = len(calls)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
+def test_gradient_accumulation_all_reduces_once_per_group(compile_model):
+    """DDP's no_sync holds the all-reduce to a group's last micro-batch, also when train.compile
+    wraps the DDP module (a compiled module is not a DistributedDataParallel: the check used to
+    miss it, and every micro-batch all-reduced)."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_all_reduce_rank, args=(free_port(), compile_model, out), nprocs=2, start_method="spawn")
+        assert dict(out) == {0: 2, 1: 2}  # 4 micro-batches, 2 groups, one bucket

@@ -323,3 +323,43 @@ def test_a_search_started_with_the_flat_layout_resumes(synth_small, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["status"] for r in read_results(tmp_path, "f")] == ["completed", "completed"]
     assert "Traceback" not in resumed.stderr
+
+
+def test_retry_failed_reruns_the_failed_trials_within_the_concurrency_limit_and_tells_optuna(synth_small, tmp_path):
+    """Every trial fails (its checkpoint folder cannot be made); fixed, --retry-failed runs them
+    again: Tune restarts both at once, and with room for two they still train one at a time
+    (search.max_concurrent_trials = 1), each ends completed, and Optuna learns both outcomes."""
+    from posetune.search.run import load_study
+
+    space = tiny_space(
+        tmp_path,
+        synth_small,
+        name="r",
+        search__num_samples=2,
+        search__points_to_evaluate=[],
+        search__asha={"max_samples": 192, "grace_samples": 192, "reduction_factor": 2},
+        overrides={"val.eval_every_samples": 96},
+    )
+    blocker = tmp_path / "runs" / "r" / "train"  # a file where Ray Train makes its trial folders
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder\n")
+    failed = posetune_search(str(space))
+    assert [r["status"] for r in read_results(tmp_path, "r")] == ["failed", "failed"], failed.stderr[-3000:]
+
+    blocker.unlink()
+    retried = posetune_search(str(space), "--resume", "--retry-failed")
+    assert retried.returncode == 0, retried.stderr[-3000:]
+    records = read_results(tmp_path, "r")
+    assert [r["status"] for r in records] == ["completed", "completed"], records
+    # Each trial's training, from its workers' start to its last report, as Tune recorded it.
+    spans = []
+    for trial_dir in (tmp_path / "runs" / "r" / "tune").glob("trial-*"):
+        rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        spans.append((rows[0]["workers_started_at"], rows[-1]["timestamp"]))
+    (first, second) = sorted(spans)
+    assert first[1] <= second[0] + 1, f"two trials trained at once: {spans}"  # timestamp is in whole seconds
+    study = load_study(str(tmp_path / "runs" / "r"))
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"], states
+    fails = sorted(str(t.params) for t in study.trials if t.state.name == "FAIL")
+    assert fails == sorted(str(t.params) for t in study.trials if t.state.name == "COMPLETE")

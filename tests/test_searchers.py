@@ -113,3 +113,53 @@ def test_a_failed_trial_run_again_by_retry_failed_reaches_optuna():
     failed, again = searcher._ot_study.trials
     assert failed.state.name == "FAIL" and again.state.name == "COMPLETE" and again.value == 3.0
     assert again.params == failed.params and again.intermediate_values == {4000: 4.0, budget: 3.0}
+
+
+def test_the_limiter_passes_on_the_end_of_a_trial_it_did_not_suggest():
+    """Tune restarts the trials a --retry-failed resume reruns without asking the searcher; Ray's
+    ConcurrencyLimiter dropped their ends. The search's limiter hands them to Optuna."""
+    from posetune.search.searchers import build_search_alg
+
+    space, _ = load_space("search_spaces/quick.yaml")
+    limiter = build_search_alg(space, concurrency=1)
+    limiter.suggest("t")
+    limiter.on_trial_complete("t", None, error=True)  # the first run: it failed
+    assert limiter.suggest("next") is not None  # its slot was freed
+    limiter.on_trial_result("t", {"pose_error": 4.0, "samples_seen": 4000})  # run again
+    limiter.on_trial_complete("t", {"pose_error": 3.0, "samples_seen": space.search.asha.max_samples})
+    states = [t.state.name for t in limiter.searcher._ot_study.trials]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 1, states
+
+
+def test_asha_lets_a_trial_at_the_budget_end_on_its_own():
+    """Ray's ASHA answers STOP to the budget's report, and Tune's stop kills Ray Train's controller
+    before it withdraws its autoscaler request (the nodes then stay up 180 s); below the budget,
+    ASHA's cut-offs are unchanged."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from posetune.search.searchers import build_scheduler
+
+    space, _ = load_space("search_spaces/quick.yaml")
+    asha = space.search.asha
+    stock = ASHAScheduler(
+        time_attr="samples_seen",
+        max_t=asha.max_samples,
+        grace_period=asha.grace_samples,
+        reduction_factor=asha.reduction_factor,
+    )
+    decisions = {}
+    for name, scheduler in (("posetune", build_scheduler(space)), ("ray", stock)):
+        scheduler.set_search_properties(space.search.metric, space.search.resolved_mode)
+        trials = [SimpleNamespace(trial_id=t) for t in ("good", "worse", "last")]
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+        rung = [
+            scheduler.on_trial_result(None, t, {"pose_error": e, "samples_seen": asha.grace_samples})
+            for t, e in zip(trials, (10.0, 20.0, 5.0), strict=True)
+        ]
+        final = scheduler.on_trial_result(None, trials[2], {"pose_error": 5.0, "samples_seen": asha.max_samples})
+        decisions[name] = (rung, final)
+    assert decisions["posetune"][0] == decisions["ray"][0]
+    assert decisions["ray"][1] == TrialScheduler.STOP and decisions["posetune"][1] == TrialScheduler.CONTINUE

@@ -20,9 +20,11 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import ray
 from ray import tune
 
 from posetune import internals, storage
@@ -46,9 +48,16 @@ from posetune.search.events import (
 )
 from posetune.search.legacy import alias_flat_layout
 from posetune.search.results import SearchResults, SearchSummary, experiment_dir, summary_lines
-from posetune.search.searchers import MODEL_BASED, build_scheduler, build_searcher
+from posetune.search.searchers import MODEL_BASED, build_scheduler, build_search_alg
 from posetune.search.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, eval_milestone, used_values
-from posetune.search.trial import TrialSetup, build_trial_config, run_trial, sweep_scratch_on_every_node
+from posetune.search.trial import (
+    TrialSetup,
+    build_trial_config,
+    release_training_slot,
+    run_trial,
+    start_training_slots,
+    sweep_scratch_on_every_node,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +157,7 @@ class TrialEvents(tune.Callback):
         latest = self.checkpoints.pop(trial.trial_id, None)
         checkpoint = self._checkpoint(result) or latest
         hours = self._resource_hours(trial.trial_id)
+        release_training_slot(self.trial_setup.slots, trial.trial_id)
         self.emit(TrialEnded(trial.trial_id, self._used(trial), outcome, samples, error, checkpoint, hours))
 
     def _used(self, trial, config: Config | None = None) -> dict[str, Any]:
@@ -296,8 +306,6 @@ def plan_search(space: SearchSpace, base: Config) -> list[str]:
     if not placement.cluster_reachable():
         lines = describe_plan(space, base, plan_resources(space, placement.local_shape()))
         return [*lines, "no Ray cluster is reachable (RAY_ADDRESS, or one on this node): the plan is for this machine"]
-    import ray
-
     joined = not ray.is_initialized()  # a Python caller's own Ray session stays as it was
     placement.connect_ray()
     try:
@@ -332,6 +340,7 @@ def run_search(
     train_size = ensure_dataset(space, base)
 
     started_ray = placement.connect_ray(space.resources.local_cpus)
+    slots_actor = None
     try:
         cluster = placement.cluster_shape(space.resources.autoscaler())
         check_paths(space, base, cluster)
@@ -344,7 +353,9 @@ def run_search(
         train = storage.join(folder, "train")
         finished = results.finished() if resume else {}
         failed = results.failed() if resume and not retry_failed else {}
-        setup = TrialSetup(space, base.to_dict(), train_size, plan, train, finished, failed)
+        slots = f"posetune-slots-{uuid.uuid4().hex[:12]}"
+        slots_actor = start_training_slots(slots, plan.concurrency)
+        setup = TrialSetup(space, base.to_dict(), train_size, plan, train, finished, failed, slots)
         events = TrialEvents([results, *listeners], setup, folder)
         events.emit(SearchStarted(folder, resume))
         about = {"fingerprint": fingerprint, "metric": space.search.metric, "mode": space.search.resolved_mode}
@@ -361,9 +372,9 @@ def run_search(
         events.emit(SearchEnded(summary, load_study(folder)))
         return summary
     finally:
+        if slots_actor is not None:
+            ray.kill(slots_actor)
         if started_ray:
-            import ray
-
             ray.shutdown()
 
 
@@ -399,10 +410,11 @@ def _tuner(
         tune_config=tune.TuneConfig(
             metric=s.metric,  # for ASHA; the searcher holds its own copy
             mode=s.resolved_mode,
-            search_alg=build_searcher(space),
+            # The limit is in the search algorithm, not max_concurrent_trials: Tune's own
+            # ConcurrencyLimiter would drop the ends of trials a --retry-failed resume reruns.
+            search_alg=build_search_alg(space, setup.plan.concurrency),
             scheduler=build_scheduler(space),
             num_samples=s.num_samples,
-            max_concurrent_trials=setup.plan.concurrency,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=run_config,

@@ -4,7 +4,7 @@ Searcher: an Optuna sampler (TPE by default; random, GP, CMA-ES, QMC) through Ra
 a define-by-run space (conditional parameters). Scheduler: ASHA on *training samples seen*, so
 trials with different batch sizes are stopped at equal compute (or FIFO: no early stopping).
 A trial that ASHA stops is told to Optuna as PRUNED (``BudgetAwareOptunaSearch``), never as a
-finished trial with an under-trained score.
+finished trial with an under-trained score. ``build_search_alg`` adds the concurrency limit.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from posetune import internals
@@ -132,14 +133,48 @@ def build_searcher(space: SearchSpace) -> BudgetAwareOptunaSearch:
     )
 
 
+class ResumeAwareLimiter(ConcurrencyLimiter):
+    """Ray's ConcurrencyLimiter, passing on the end of a trial it did not suggest.
+
+    A ``--retry-failed`` resume runs failed trials again that Tune restarts itself, never
+    through ``suggest``; Ray's limiter drops their ends, so Optuna never learned how they went.
+    (How many of them train at once is held by the trials' own slots: search.trial.TrainingSlots.)
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+
+def build_search_alg(space: SearchSpace, concurrency: int) -> ResumeAwareLimiter:
+    """The searcher behind the concurrency limit: ``concurrency`` trials suggested at once."""
+    return ResumeAwareLimiter(build_searcher(space), max_concurrent=concurrency)
+
+
+class BudgetASHA(ASHAScheduler):
+    """ASHA on samples seen that lets a trial at the budget end on its own.
+
+    Ray's ASHA stops a trial when it reports the budget (max_t), a moment before the trial
+    would return: Tune then kills the trial's driver, and with it Ray Train's controller
+    before it can withdraw its request to the autoscaler, which keeps the trial's worker
+    nodes up for 180 s more (Train's AUTOSCALING_REQUESTS_EXPIRE_TIME_S). Every trial ends at
+    the budget anyway (fit stops there), so nothing trains longer. Rungs below are ASHA's."""
+
+    def __init__(self, *, budget: int, grace: int, reduction_factor: float):
+        super().__init__(time_attr="samples_seen", max_t=budget, grace_period=grace, reduction_factor=reduction_factor)
+        self.budget = budget
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("samples_seen", 0) >= self.budget:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 def _asha(space: SearchSpace) -> TrialScheduler:
     asha = space.search.asha
-    return ASHAScheduler(
-        time_attr="samples_seen",
-        max_t=asha.max_samples,
-        grace_period=asha.grace_samples,
-        reduction_factor=asha.reduction_factor,
-    )
+    return BudgetASHA(budget=asha.max_samples, grace=asha.grace_samples, reduction_factor=asha.reduction_factor)
 
 
 # search.scheduler: names are posetune.choices.SCHEDULERS (a test keeps the two equal).

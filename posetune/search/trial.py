@@ -9,6 +9,10 @@ samples seen; rank 0 attaches the run's checkpoint folder (last.pt plus the tria
 Failures: a worker that dies is restarted by Ray Train from the latest reported checkpoint
 (``FailureConfig.max_failures``); a worker group that cannot start is retried a bounded number
 of times and then fails the trial with Ray's message, rather than waiting forever.
+
+Concurrency: a trial trains only while it holds one of the search's ``TrainingSlots``, so no
+more trials train (and ask the autoscaler for nodes) at once than the plan allows, whatever
+Tune restarts together.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,69 @@ class TrialSetup:
     # Trials that failed in an earlier run -> their error, unless the resume retries them. Tune
     # restarts one whose failure came after its last snapshot: it fails again at once.
     failed: dict[str, str] = field(default_factory=dict)
+    slots: str | None = None  # the name of the search's TrainingSlots actor (None: no limit)
+
+
+class TrainingSlots:
+    """At most ``limit`` trials train at once (a Ray actor on the search driver's node).
+
+    Tune's concurrency limit gates only the trials its searcher suggests. A ``--retry-failed``
+    resume restarts every failed trial at once, and Tune starts each as soon as resources
+    allow: on an autoscaling cluster, nodes for all of them. A trial's driver waits here for a
+    slot, holding nothing but its own sliver of a CPU; a slot is keyed by trial id, so a
+    restarted driver takes its own slot back, and the search frees it when the trial ends."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.holders: set[str] = set()
+
+    def acquire(self, trial_id: str) -> bool:
+        if trial_id in self.holders or len(self.holders) < self.limit:
+            self.holders.add(trial_id)
+            return True
+        return False
+
+    def release(self, trial_id: str) -> None:
+        self.holders.discard(trial_id)
+
+
+SLOT_POLL_S = 2.0
+
+
+def start_training_slots(name: str, limit: int):
+    """The search's TrainingSlots actor, on this (the driver's) node: never on a worker node
+    that a preemption or a scale-down takes away. Dies with the search's driver."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(TrainingSlots).options(name=name, num_cpus=0, scheduling_strategy=here)
+    return actor.remote(limit)
+
+
+def release_training_slot(name: str | None, trial_id: str) -> None:
+    """Free an ended trial's slot (its driver may have died holding it)."""
+    import ray
+
+    if name:
+        ray.get_actor(name).release.remote(trial_id)
+
+
+@contextmanager
+def training_slot(name: str | None, trial_id: str) -> Iterator[None]:
+    """Hold one of the search's training slots while the body runs (waits for one first)."""
+    if not name:
+        yield
+        return
+    import ray
+
+    slots = ray.get_actor(name)
+    while not ray.get(slots.acquire.remote(trial_id)):
+        time.sleep(SLOT_POLL_S)
+    try:
+        yield
+    finally:
+        slots.release.remote(trial_id)
 
 
 class FailedBefore(RuntimeError):
@@ -123,13 +192,15 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the search prints progress
         ),
     )
-    trainer.fit()
+    with training_slot(setup.slots, trial_id):
+        trainer.fit()
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: fit() on this rank, reporting every evaluation to Ray."""
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
     # Imported here, not at the top: the trial driver and Train's controller load this module
     # too, and neither trains (torchvision alone is ~1.5 s of every trial's start on 2 cores).
@@ -156,8 +227,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         cfg.checkpoint.resume = str(local / "last.pt")
 
     reported = []
+    blocked = [0.0]  # seconds the previous report held training up (the benchmark's breakdown)
 
     def report(evaluation) -> None:
+        start = time.perf_counter()
         metrics = {
             **evaluation.metrics,
             "samples_seen": evaluation.samples_seen,
@@ -165,10 +238,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": evaluation.train_loss,
             "train_images_per_s": evaluation.train_images_per_s,
             "workers_started_at": workers_started_at,
+            "report_s": blocked[0],
+            "reported_at": time.time(),
         }
-        attached = ray.train.Checkpoint.from_directory(evaluation.checkpoint_dir) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=attached)
+        # Uploaded in the background (Ray Train's asynchronous mode): training goes on while
+        # the checkpoint is copied to storage, and Ray registers it (and Tune sees this
+        # result) once it is complete there. fit() rewrites last.pt at the next evaluation,
+        # so Ray gets a snapshot of the folder, which it deletes after the upload.
+        attached = ray.train.Checkpoint.from_directory(snapshot(evaluation.checkpoint_dir)) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=attached, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         reported.append(evaluation.samples_seen)
+        blocked[0] = round(time.perf_counter() - start, 4)
 
     try:
         result = fit(
@@ -196,6 +276,21 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 
 # --- Scratch folders --------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> Path:
+    """A copy of a checkpoint folder as it is now, by hard links (no bytes copied): checkpoint
+    files are replaced whole when rewritten (storage.write_bytes), so the links keep this
+    version. A scratch folder of this process, swept like the others if the process dies."""
+    copy = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-report-"))
+    for file in folder.iterdir():
+        if not file.is_file() or file.name.startswith("."):  # a write in progress (storage.atomic_path)
+            continue
+        try:
+            os.link(file, copy / file.name)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(file, copy / file.name)
+    return copy
 
 
 def sweep_scratch() -> int:

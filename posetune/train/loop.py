@@ -328,10 +328,11 @@ def train_batches(
         group_start = i - i % accumulate
         group_size = min(accumulate, batches - group_start)
         last_in_group = i - group_start == group_size - 1
-        # DDP all-reduces gradients only on the group's last backward.
+        # DDP all-reduces gradients only on the group's last backward. step.model, not model:
+        # a compiled model wraps the DDP module and is not one itself.
         sync = (
-            model.no_sync()
-            if isinstance(model, DistributedDataParallel) and not last_in_group
+            step.model.no_sync()
+            if isinstance(step.model, DistributedDataParallel) and not last_in_group
             else contextlib.nullcontext()
         )
         with sync:
