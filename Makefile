@@ -25,13 +25,13 @@ train-demo: $(STAMP)
 
 # Everything, Ray, servers, slow and autoscaler tests included (what CI runs), as two pytest
 # runs side by side: the tests that start Ray (marker `ray`) one after another, since two Ray
-# instances on one machine break each other, and the others beside them at a lower priority (nice),
+# instances on one machine break each other, and the others beside them at the lowest priority (nice 19),
 # on the cores Ray's tests mostly leave idle while they wait; their output follows. The 25 slowest Ray tests are
 # listed. (pytest-xdist's loadgroup would do this in one run, but its groups do not work with
 # pytest 9.2: it sets Item._nodeid, which pytest no longer reads.)
 test: $(STAMP)
 	@others=$$(mktemp); \
-	nice -n 10 $(BIN)/python -m pytest -q --durations=10 -m "not ray" > $$others 2>&1 & pid=$$!; \
+	nice -n 19 $(BIN)/python -m pytest -q --durations=10 -m "not ray" > $$others 2>&1 & pid=$$!; \
 	$(BIN)/python -m pytest -q --durations=25 -m ray; ray_rc=$$?; \
 	wait $$pid; others_rc=$$?; \
 	echo "--- the tests that start no Ray (run beside the Ray tests; exit code $$others_rc) ---"; \

@@ -7,7 +7,8 @@ frames, the same image cache (built before timing) and 2 CPU threads: `posetune 
 torch's default (one per core), the trial's Ray Train worker is given 2 CPUs (Ray sets its
 thread count from that). Rounds alternate the two so drift on a shared host hits both alike.
 Figures: each run's training throughput (mean over epochs 2..N, the `train_images_per_s` that
-fit() records), their ratio, each run's wall time and the difference, which is the search's
+fit() records), their ratio, the plain run's again beside an idle local Ray instance (what Ray's
+own processes cost it), each run's wall time and the difference, which is the search's
 start-up overhead (Ray, Tune, the Train worker group, checkpoint reports).
 The search's wall time is broken down into start-up, training, evaluations and worker set-up,
 reports and shut-down (from the times its worker reported), and its processes' CPU seconds into
@@ -65,7 +66,9 @@ class CpuSampler:
                 try:
                     times = process.cpu_times()
                     self.seconds[process.pid] = times.user + times.system
-                    self.names.setdefault(process.pid, " ".join(process.cmdline())[:200])
+                    name = " ".join(process.cmdline())[:200]  # a Ray worker retitles itself as it takes an actor
+                    if "RayTrainWorker" not in self.names.get(process.pid, ""):
+                        self.names[process.pid] = name
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     pass
             self.done.wait(0.5)
@@ -100,6 +103,25 @@ def plain_run(overrides: dict, folder: Path) -> tuple[float, float, int]:
     wall, _, _ = run(["train", "--config", str(REPO / "configs" / "quick.yaml"), *args])
     history = json.loads((folder / "metrics.json").read_text())["history"]
     return statistics.mean(h["train_images_per_s"] for h in history[1:]), wall, history[-1]["samples_seen"]
+
+
+def versions() -> dict[str, str]:
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__}
+
+
+def plain_beside_idle_ray(overrides: dict, folder: Path) -> tuple[float, float, int]:
+    """plain_run with a local Ray instance (GCS, raylet, dashboard, log monitor) idling beside
+    it: what Ray's own processes cost the training, apart from Tune and Train."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    try:
+        return plain_run(overrides, folder)
+    finally:
+        ray.shutdown()
 
 
 def breakdown(results: list[dict], launched: float, wall: float) -> dict[str, float]:
@@ -174,6 +196,7 @@ def main() -> None:
         # Alternate the two so that drift on a shared host hits both alike.
         for n in range(args.rounds):
             plain_rate, plain_wall, samples = plain_run(overrides, work / f"plain-{n}")
+            beside_rate, _, _ = plain_beside_idle_ray(overrides, work / f"beside-{n}")
             trial_rate, search_wall, phases, cpu = search_run(
                 overrides, cfg.optimizer.lr, samples, work / f"search-{n}"
             )
@@ -184,6 +207,9 @@ def main() -> None:
                     "plain_wall_s": round(plain_wall, 1),
                     "search_wall_s": round(search_wall, 1),
                     "throughput_ratio": round(trial_rate / plain_rate, 3),
+                    "beside_ray_train_img_s": round(beside_rate, 1),
+                    "beside_ray_ratio": round(beside_rate / plain_rate, 3),
+                    "trial_vs_beside_ray_ratio": round(trial_rate / beside_rate, 3),
                     **{f"search_{k}": v for k, v in phases.items()},
                     **{f"search_cpu_s_{k.replace(' ', '_')}": v for k, v in cpu.items()},
                 }
@@ -197,6 +223,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "frames": args.frames,
         "epochs": args.epochs,
+        "versions": versions(),
         "rounds": rounds,
         "median_throughput_ratio": round(median["throughput_ratio"], 3),
         "median_plain_wall_s": median["plain_wall_s"],
@@ -223,6 +250,12 @@ def main() -> None:
         f"Median trial / plain training throughput: **{figures['median_throughput_ratio']}x**; median wall time "
         f"{figures['wall_ratio']}x, i.e. **{figures['startup_overhead_s']} s** of orchestration overhead "
         "(Ray start, Tune, the Train worker group, checkpoint reports).",
+    ]
+    lines += [
+        "",
+        f"`posetune train` beside an idle local Ray instance: {median['beside_ray_ratio']}x the plain run's "
+        f"throughput; the trial against that: {median['trial_vs_beside_ray_ratio']}x (medians). The first is "
+        "what Ray's own processes cost, the second what Tune, Train's controller and its worker add on top.",
     ]
     phase_keys = [k for k in rounds[0] if k.startswith("search_") and k.endswith("_s") and "cpu" not in k]
     phase_keys.remove("search_wall_s")

@@ -31,7 +31,7 @@ def test_the_readme_snippet_runs_a_tracked_search(synth_small, tmp_path, monkeyp
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where the snippet's runs go: an empty store
-    budget = {"max_samples": 192, "grace_samples": 96, "reduction_factor": 2}
+    budget = {"max_samples": 96, "grace_samples": 96, "reduction_factor": 2}
     space_file = tiny_space(tmp_path, synth_small, name="readme", search__asha=budget)
     code = readme_snippet()
     assert '"search_spaces/quick.yaml"' in code and '"search.num_samples=4"' in code

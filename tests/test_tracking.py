@@ -99,7 +99,7 @@ def test_server_killed_mid_search_then_back(ray_cluster, server, synth_small, tm
         tmp_path,
         synth_small,
         name="outage",
-        search__num_samples=2,
+        search__num_samples=1,
         search__asha={"max_samples": 480, "grace_samples": 480, "reduction_factor": 2},
         overrides={"val.eval_every_samples": 96},  # an evaluation per epoch, not only at the budget
     )
@@ -129,7 +129,7 @@ def test_server_killed_mid_search_then_back(ray_cluster, server, synth_small, tm
 
     records = {r["id"]: r for r in read_results(tmp_path, "outage")}
     client, _, children = runs_of(server.uri, "outage")
-    assert len(children) == len(records) == 2
+    assert len(children) == len(records) == 1
     for child in children:  # no evaluation was lost in the outage
         history = client.get_metric_history(child.info.run_id, "pose_error")
         assert [m.step for m in history] == [96, 192, 288, 384, 480]

@@ -4,7 +4,8 @@ Tune calls ``run_trial`` (the trial driver; it holds only a sliver of a CPU). It
 trial's Config and a TorchTrainer whose workers run ``train_worker``: ``posetune.train.loop.fit``
 with Ray Train's rank, world size and device (Ray Train sets up torch.distributed, so DDP and
 the distributed sampler follow). At every evaluation each rank reports the metrics and
-samples seen; rank 0 attaches the run's checkpoint folder (last.pt plus the trial's best.pt).
+samples seen; rank 0 attaches a snapshot of the run's checkpoint folder (last.pt plus the
+trial's best.pt), which Ray Train uploads in the background while training goes on.
 
 Failures: a worker that dies is restarted by Ray Train from the latest reported checkpoint
 (``FailureConfig.max_failures``); a worker group that cannot start is retried a bounded number
