@@ -157,10 +157,11 @@ class BudgetASHA(ASHAScheduler):
     """ASHA on samples seen that lets a trial at the budget end on its own.
 
     Ray's ASHA stops a trial when it reports the budget (max_t), a moment before the trial
-    would return: Tune then kills the trial's driver, and with it Ray Train's controller
-    before it can withdraw its request to the autoscaler, which keeps the trial's worker
-    nodes up for 180 s more (Train's AUTOSCALING_REQUESTS_EXPIRE_TIME_S). Every trial ends at
-    the budget anyway (fit stops there), so nothing trains longer. Rungs below are ASHA's."""
+    would return. When the stop wins that race, Tune kills the trial's driver, and with it Ray
+    Train's controller before it can withdraw its request to the autoscaler, which then keeps
+    the trial's worker nodes up for 180 s more (Train's AUTOSCALING_REQUESTS_EXPIRE_TIME_S).
+    Every trial ends at the budget anyway (fit stops there), so nothing trains longer. Rungs
+    below are ASHA's."""
 
     def __init__(self, *, budget: int, grace: int, reduction_factor: float):
         super().__init__(time_attr="samples_seen", max_t=budget, grace_period=grace, reduction_factor=reduction_factor)
