@@ -48,6 +48,18 @@ def local_cluster_running() -> bool:
     return bool(find_gcs_addresses())
 
 
+def start_train_autoscaling_coordinator() -> None:
+    """Start the actor Ray Train's controller sends each trial's resource request to (Ray Data's
+    AutoscalingCoordinator: one per cluster, detached) now, beside Tune's set-up, not at the
+    first trial: the controller waits up to 5 s for its answer while the actor's process starts
+    and imports Ray Data (on 2 cores it timed out with a warning), and the first trial waited."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    get_or_create_autoscaling_coordinator()  # returns at once; the actor starts in the background
+
+
 def autoscaler_cluster_config():
     """The cluster config the autoscaler publishes in Ray's GCS (node types with their
     resources and max counts), or None without an autoscaler."""

@@ -100,7 +100,8 @@ def test_flat_layout_names_resolve_without_importing_ray_or_mlflow():
         "assert posetune.search._trial_dirname is run._trial_dirname\n"
         "import pickle\n"  # what unpickling a saved Tuner does with the old path
         "assert pickle.loads(b'cposetune.search\\nTrialEvents\\n.') is run.TrialEvents\n"
-        "from posetune.search.legacy import alias_flat_layout\n"
+        "from posetune.search.legacy import alias_flat_layout, loads\n"
+        "assert loads(b'cposetune.results\\nTrialEnded\\n.') is TrialEnded and 'posetune.results' not in sys.modules\n"
         "alias_flat_layout()\n"
         "assert pickle.loads(b'cposetune.results\\nTrialEnded\\n.') is TrialEnded\n"
     )

@@ -37,6 +37,16 @@ def test_ray_private_functions_exist():
     assert callable(state.get_cluster_config), "ray._private.state.state.get_cluster_config moved"
 
 
+def test_the_autoscaling_coordinator_posetune_starts_early_is_the_one_ray_train_asks():
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    assert client.get_or_create_autoscaling_coordinator is coordinator.get_or_create_autoscaling_coordinator, (
+        "Ray Train no longer gets its AutoscalingCoordinator from Ray Data's get_or_create_autoscaling_coordinator: "
+        "update posetune/internals.py:start_train_autoscaling_coordinator"
+    )
+
+
 class _Events(tune.Callback):
     """A Tune callback whose pickled copy forgets what it held, as posetune's TrialEvents does."""
 

@@ -163,3 +163,26 @@ def test_asha_lets_a_trial_at_the_budget_end_on_its_own():
         decisions[name] = (rung, final)
     assert decisions["posetune"][0] == decisions["ray"][0]
     assert decisions["ray"][1] == TrialScheduler.STOP and decisions["posetune"][1] == TrialScheduler.CONTINUE
+
+
+def test_the_study_is_read_back_from_tunes_saved_searcher_state_without_importing_torch(tmp_path):
+    """The end of every search reads the study from the searcher state Tune saved; reading it
+    must not import the training code (torch and torchvision were seconds of every search's end)."""
+    import subprocess
+    import sys
+
+    space, _ = load_space("search_spaces/quick.yaml")
+    searcher = build_searcher(space)
+    for trial in ("a", "b"):
+        searcher.suggest(trial)
+        searcher.on_trial_complete(trial, {"pose_error": 3.0, "samples_seen": space.search.asha.max_samples})
+    (tmp_path / "tune").mkdir()
+    searcher.save(str(tmp_path / "tune" / "searcher-state-2026-01-01_00-00-00.pkl"))  # as Tune names it
+    code = (
+        "import sys\n"
+        "from posetune.search.run import load_study\n"
+        f"study = load_study({str(tmp_path)!r})\n"
+        "assert [t.state.name for t in study.trials] == ['COMPLETE', 'COMPLETE'], study.trials\n"
+        "assert 'torch' not in sys.modules, 'reading the study imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -35,6 +35,7 @@ from posetune.data.fetch import fetch_dataset
 from posetune.data.perception import read_split
 from posetune.data.tools import synthesize
 from posetune.errors import ConfigError, PosetuneError
+from posetune.search import legacy
 from posetune.search.events import (
     REPORTED,
     Listener,
@@ -46,7 +47,6 @@ from posetune.search.events import (
     TrialReported,
     TrialStarted,
 )
-from posetune.search.legacy import alias_flat_layout
 from posetune.search.results import SearchResults, SearchSummary, experiment_dir, summary_lines
 from posetune.search.searchers import MODEL_BASED, build_scheduler, build_search_alg
 from posetune.search.space import EFFECTIVE_BATCH, SearchSpace, describe_parameter, eval_milestone, used_values
@@ -342,6 +342,7 @@ def run_search(
     started_ray = placement.connect_ray(space.resources.local_cpus)
     slots_actor = None
     try:
+        internals.start_train_autoscaling_coordinator()
         cluster = placement.cluster_shape(space.resources.autoscaler())
         check_paths(space, base, cluster)
         plan = plan_resources(space, cluster)
@@ -386,7 +387,7 @@ def _tuner(
     storage_path, filesystem = storage.ray_storage(folder)
     if resume:
         log.info("resuming %s", folder)
-        alias_flat_layout()  # a search started before the package layout pickled the old names
+        legacy.alias_flat_layout()  # a search started before the package layout pickled the old names
         tuner = tune.Tuner.restore(
             f"{storage_path}/{TUNE_FOLDER}",
             trainable,
@@ -499,11 +500,8 @@ def _finish(
 
 def load_study(folder: str):
     """The search's Optuna study, from the searcher state Tune saved last (also after a resume)."""
-    import pickle
-
     tune_folder = storage.join(folder, TUNE_FOLDER)
     states = sorted(name for name in storage.list_files(tune_folder) if name.startswith("searcher-state-"))
     if not states:
         return None
-    alias_flat_layout()
-    return internals.study_in_saved_state(pickle.loads(storage.read_bytes(storage.join(tune_folder, states[-1]))))
+    return internals.study_in_saved_state(legacy.loads(storage.read_bytes(storage.join(tune_folder, states[-1]))))

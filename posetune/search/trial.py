@@ -318,18 +318,21 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_scratch_on_every_node() -> int:
-    """sweep_scratch on each live node of the cluster (one tiny task pinned to each)."""
+    """sweep_scratch on each live node of the cluster: here for this process's node, one tiny
+    task pinned to each other node (a task on a local instance was a worker start, seconds
+    at the end of every search on 2 cores)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    here = ray.get_runtime_context().get_node_id()
     task = ray.remote(num_cpus=0)(sweep_scratch)
     pending = [
         task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
         for node in ray.nodes()
-        if node.get("Alive")
+        if node.get("Alive") and node["NodeID"] != here
     ]
     try:
-        return sum(ray.get(pending, timeout=60))
+        return sweep_scratch() + sum(ray.get(pending, timeout=60))
     except Exception as exc:  # clean-up must never fail a finished search
         logging.getLogger(__name__).warning("could not remove old trial scratch folders: %s", exc)
         return 0
