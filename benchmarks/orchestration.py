@@ -1,6 +1,6 @@
 """Orchestration overhead: the same training once as `posetune train` and once as a one-trial search.
 
-    python benchmarks/orchestration.py [--frames 2000] [--epochs 5] [--rounds 3]
+    python benchmarks/orchestration.py [--frames 2000] [--epochs 5] [--rounds 3] [--before REV]
 
 Both runs are the CLI in a fresh process, untracked, on configs/quick.yaml, the same synthetic
 frames, the same image cache (built before timing) and 2 CPU threads: `posetune train` uses
@@ -14,6 +14,11 @@ The search's wall time is broken down into start-up, training, evaluations and w
 reports and shut-down (from the times its worker reported), and its processes' CPU seconds into
 the Train worker, posetune's command and Ray's/Tune's other processes (sampled with psutil).
 Writes benchmarks/results/orchestration.{json,md}.
+
+With ``--before REV`` each round also runs the same one-trial search with posetune as of git
+revision REV (its package extracted with `git archive`, first on the path), before or after
+the current code's (alternating): a change's effect on each phase, before and after in one run.
+Writes benchmarks/results/orchestration_before.{json,md} instead.
 """
 
 from __future__ import annotations
@@ -84,12 +89,14 @@ class CpuSampler:
         return {k: round(v, 1) for k, v in groups.items()}
 
 
-def run(argv: list[str]) -> tuple[float, float, dict[str, float]]:
+def run(argv: list[str], code: Path | None = None) -> tuple[float, float, dict[str, float]]:
     """(wall seconds, start time, CPU seconds by group) of one `posetune` command in a fresh
-    process (same imports and start-up for both)."""
+    process (same imports and start-up for both); ``code``: a folder holding another version
+    of the posetune package, imported instead of this checkout's."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code or ""), os.environ.get("PYTHONPATH")]))}
     launched = time.time()
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "posetune", *argv], stdout=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-m", "posetune", *argv], stdout=subprocess.DEVNULL, env=env)
     sampler = CpuSampler(process.pid)
     if process.wait() != 0:
         raise SystemExit(f"posetune {' '.join(argv)} failed (exit code {process.returncode})")
@@ -147,9 +154,12 @@ def breakdown(results: list[dict], launched: float, wall: float) -> dict[str, fl
     }
 
 
-def search_run(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[float, float, dict, dict]:
+def search_run(
+    overrides: dict, lr: float, samples: int, folder: Path, code: Path | None = None
+) -> tuple[float, float, dict, dict]:
     """(training images/s over epochs 2..N, wall seconds, breakdown, CPU seconds by group) of
-    the same training as a one-trial `posetune search`."""
+    the same training as a one-trial `posetune search` (with the posetune package in ``code``
+    when given)."""
     space = {
         # An evaluation per epoch, as the plain run (a search evaluates at sample milestones).
         "base": {
@@ -165,11 +175,41 @@ def search_run(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[
     }
     folder.mkdir(parents=True)
     (folder / "space.yaml").write_text(yaml.safe_dump(space))
-    wall, launched, cpu = run(["search", str(folder / "space.yaml")])
+    wall, launched, cpu = run(["search", str(folder / "space.yaml")], code)
     trial_dir = next((folder / "bench" / "tune").glob("trial-*"))
     results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
     rate = statistics.mean(r["train_images_per_s"] for r in results[1:])
     return rate, wall, breakdown(results, launched, wall), cpu
+
+
+def package_at(revision: str, into: Path) -> Path:
+    """The posetune package as of a git revision of this checkout, extracted under ``into``."""
+    archive = subprocess.run(["git", "archive", revision, "posetune"], cwd=REPO, capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--before {revision}: not a revision of this checkout ({archive.stderr.decode().strip()})")
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def compared(rounds: list[dict], revision: str, args: argparse.Namespace, figures: dict) -> list[str]:
+    """The before/after table: each phase's median for REV and for this checkout."""
+    keys = [k for k in rounds[0] if k.startswith("search_") and not k.startswith("search_cpu")]
+    keys += [k for k in rounds[0] if k.startswith("search_cpu_s_")] + ["trial_train_img_s"]
+    lines = [
+        f"One-trial search, posetune at {revision} (before) and this checkout (after), alternating in "
+        f"each of {args.rounds} rounds (configs/quick.yaml, {args.frames} frames, {args.epochs} epochs; "
+        f"{figures['machine']}); medians: seconds, CPU seconds (cpu s rows), images/s (train img s)",
+        "",
+        "| | before | after | after - before |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key in keys:
+        before = statistics.median(r["before_" + key] for r in rounds)
+        after = statistics.median(r[key] for r in rounds)
+        label = key.removeprefix("search_").replace("_", " ")
+        lines.append(f"| {label} | {before} | {after} | {round(after - before, 1)} |")
+    return lines
 
 
 def main() -> None:
@@ -177,11 +217,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="alternating plain/search pairs (default 3)")
+    parser.add_argument("--before", metavar="REV", help="also run the search with posetune as of git revision REV")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="posetune-orchestration-"))
     rounds = []
     try:
+        before = package_at(args.before, work / "before") if args.before else None
         generate(work / "data", {"train": args.frames, "val": 200}, seed=0)
         overrides = {
             "dataset.root": str(work / "data"),
@@ -197,9 +239,22 @@ def main() -> None:
         for n in range(args.rounds):
             plain_rate, plain_wall, samples = plain_run(overrides, work / f"plain-{n}")
             beside_rate, _, _ = plain_beside_idle_ray(overrides, work / f"beside-{n}")
+            then = {}
+            if before and n % 2:  # before first in odd rounds, after first in even ones
+                then_run = search_run(overrides, cfg.optimizer.lr, samples, work / f"before-{n}", before)
             trial_rate, search_wall, phases, cpu = search_run(
                 overrides, cfg.optimizer.lr, samples, work / f"search-{n}"
             )
+            if before and not n % 2:
+                then_run = search_run(overrides, cfg.optimizer.lr, samples, work / f"before-{n}", before)
+            if before:
+                then_rate, then_wall, then_phases, then_cpu = then_run
+                then = {
+                    "before_search_wall_s": round(then_wall, 1),
+                    "before_trial_train_img_s": round(then_rate, 1),
+                    **{f"before_search_{k}": v for k, v in then_phases.items()},
+                    **{f"before_search_cpu_s_{k.replace(' ', '_')}": v for k, v in then_cpu.items()},
+                }
             rounds.append(
                 {
                     "plain_train_img_s": round(plain_rate, 1),
@@ -212,6 +267,7 @@ def main() -> None:
                     "trial_vs_beside_ray_ratio": round(trial_rate / beside_rate, 3),
                     **{f"search_{k}": v for k, v in phases.items()},
                     **{f"search_cpu_s_{k.replace(' ', '_')}": v for k, v in cpu.items()},
+                    **then,
                 }
             )
             print(rounds[-1], flush=True)
@@ -219,6 +275,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    name = "orchestration_before" if args.before else "orchestration"
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "frames": args.frames,
@@ -232,7 +289,9 @@ def main() -> None:
         "startup_overhead_s": round(median["search_wall_s"] - median["plain_wall_s"], 1),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "orchestration.json").write_text(json.dumps(figures, indent=2) + "\n")
+    if args.before:
+        figures["before"] = args.before
+    (RESULTS / f"{name}.json").write_text(json.dumps(figures, indent=2) + "\n")
     lines = [
         f"Orchestration overhead (configs/quick.yaml, {args.frames} frames, {args.epochs} epochs, 2 threads each, "
         f"{args.rounds} alternating rounds; {figures['machine']}):",
@@ -276,7 +335,9 @@ def main() -> None:
         )
         + f"; the plain run's wall time is {figures['median_plain_wall_s']} s on the same 2 cores.",
     ]
-    (RESULTS / "orchestration.md").write_text("\n".join(lines) + "\n")
+    if args.before:
+        lines += ["", *compared(rounds, args.before, args, figures)]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
