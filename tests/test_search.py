@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from posetune import cli
@@ -290,6 +291,17 @@ def test_scratch_of_dead_workers_is_swept(tmp_path, monkeypatch):
         (tmp_path / f"posetune-trial-{os.getpid()}-def").mkdir()
         assert sweep_scratch() == 1
         assert [p.name for p in tmp_path.iterdir()] == [f"posetune-trial-{os.getpid()}-def"]
+        # A killed worker its parent has not reaped yet is gone; one still exiting is waited for.
+        killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+        for pid in (killed.pid, exiting.pid):
+            (tmp_path / f"posetune-trial-{pid}-ghi").mkdir()
+        killed.kill()
+        wait_for(lambda: psutil.Process(killed.pid).status() == psutil.STATUS_ZOMBIE, 10, "the killed child")
+        assert sweep_scratch() == 1 and (tmp_path / f"posetune-trial-{exiting.pid}-ghi").exists()
+        assert sweep_scratch(wait_s=30) == 1
+        assert [p.name for p in tmp_path.iterdir()] == [f"posetune-trial-{os.getpid()}-def"]
+        killed.wait(), exiting.wait()
     finally:
         tempfile.tempdir = None
 

@@ -39,6 +39,7 @@ from posetune.search.space import SearchSpace, eval_milestone, trial_config
 WORKER_RESTARTS = 2  # per trial, from the latest checkpoint
 CONTROLLER_RETRIES = 2  # worker-group start failures (e.g. resources never free) before giving up
 SCRATCH_PREFIX = "posetune-trial-"  # per-worker scratch folders: <tmp>/posetune-trial-<pid>-*
+SCRATCH_OWNERS_EXIT_S = 10.0  # the end of a search waits this long for its killed workers to exit
 
 
 @dataclass
@@ -294,27 +295,36 @@ def snapshot(folder: Path) -> Path:
     return copy
 
 
-def sweep_scratch() -> int:
+def sweep_scratch(wait_s: float = 0.0) -> int:
     """Remove this node's trial scratch folders whose worker process is gone. A worker that
     ASHA stops (or that fails) is killed without running its clean-up, so the next worker on
-    the node and the end of the search clean up after it. Returns the folders removed."""
-    removed = 0
+    the node and the end of the search clean up after it. ``wait_s``: how long to wait for
+    owners still alive to exit (at the end of a search its last stopped trial's worker may
+    still be dying). Returns the folders removed."""
+    owners: dict[int, list[Path]] = {}
     for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
         pid = folder.name.removeprefix(SCRATCH_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
-    return removed
+        if pid.isdigit():
+            owners.setdefault(int(pid), []).append(folder)
+    deadline = time.monotonic() + wait_s
+    while any(_alive(pid) for pid in owners) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    gone = [folder for pid, folders in owners.items() if not _alive(pid) for folder in folders]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(gone)
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process runs (a killed worker its parent has not reaped yet does not)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 def sweep_scratch_on_every_node() -> int:
@@ -327,12 +337,14 @@ def sweep_scratch_on_every_node() -> int:
     here = ray.get_runtime_context().get_node_id()
     task = ray.remote(num_cpus=0)(sweep_scratch)
     pending = [
-        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+            SCRATCH_OWNERS_EXIT_S
+        )
         for node in ray.nodes()
         if node.get("Alive") and node["NodeID"] != here
     ]
     try:
-        return sweep_scratch() + sum(ray.get(pending, timeout=60))
+        return sweep_scratch(SCRATCH_OWNERS_EXIT_S) + sum(ray.get(pending, timeout=60))
     except Exception as exc:  # clean-up must never fail a finished search
         logging.getLogger(__name__).warning("could not remove old trial scratch folders: %s", exc)
         return 0
