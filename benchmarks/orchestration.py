@@ -18,7 +18,7 @@ Writes benchmarks/results/orchestration.{json,md}.
 With ``--before REV`` each round also runs the same one-trial search with posetune as of git
 revision REV (its package extracted with `git archive`, first on the path), before or after
 the current code's (alternating): a change's effect on each phase, before and after in one run.
-Writes benchmarks/results/orchestration_before.{json,md} instead.
+Writes benchmarks/results/orchestration_before_REV.{json,md} instead.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    name = "orchestration_before" if args.before else "orchestration"
+    name = f"orchestration_before_{args.before}" if args.before else "orchestration"
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "frames": args.frames,

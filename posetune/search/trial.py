@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posetune import storage
+import psutil
+
+from posetune import internals, storage
 from posetune.choices import diverged_result
 from posetune.cluster.placement import ResourcePlan
 from posetune.config import Config, config_from_dict
@@ -39,6 +41,7 @@ from posetune.search.space import SearchSpace, eval_milestone, trial_config
 WORKER_RESTARTS = 2  # per trial, from the latest checkpoint
 CONTROLLER_RETRIES = 2  # worker-group start failures (e.g. resources never free) before giving up
 SCRATCH_PREFIX = "posetune-trial-"  # per-worker scratch folders: <tmp>/posetune-trial-<pid>-*
+RESULT_POLL_S = 1.0  # the trial driver's wait per poll for Train's results (Ray's: 0.2 s)
 SCRATCH_OWNERS_EXIT_S = 10.0  # the end of a search waits this long for its killed workers to exit
 
 
@@ -194,6 +197,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the search prints progress
         ),
     )
+    internals.poll_train_results_every(RESULT_POLL_S)
     with training_slot(setup.slots, trial_id):
         trainer.fit()
 
@@ -317,8 +321,6 @@ def sweep_scratch(wait_s: float = 0.0) -> int:
 
 def _alive(pid: int) -> bool:
     """Whether the process runs (a killed worker its parent has not reaped yet does not)."""
-    import psutil
-
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
