@@ -60,19 +60,6 @@ def start_train_autoscaling_coordinator() -> None:
     get_or_create_autoscaling_coordinator()  # returns at once; the actor starts in the background
 
 
-def poll_train_results_every(seconds: float) -> None:
-    """How long the Tune trial driver waits in each poll for Ray Train's next result (this
-    process only). Train's Tune integration (TuneReportCallback) hands results to the driver
-    through a queue actor; the driver's session polls it in a loop, each poll a remote call that
-    waits at most ``_RESULT_FETCH_TIMEOUT`` (0.2 s) and, when nothing came, raises ``Empty``
-    across processes: five calls a second on both sides, for hours of training on a 2-core
-    node. A result still arrives at once (the call returns on it); the trial's end is seen
-    up to two polls later."""
-    from ray.train._internal import session
-
-    session._RESULT_FETCH_TIMEOUT = seconds
-
-
 def autoscaler_cluster_config():
     """The cluster config the autoscaler publishes in Ray's GCS (node types with their
     resources and max counts), or None without an autoscaler."""

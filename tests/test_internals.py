@@ -47,22 +47,6 @@ def test_the_autoscaling_coordinator_posetune_starts_early_is_the_one_ray_train_
     )
 
 
-def test_the_tune_sessions_result_poll_reads_the_timeout_posetune_sets():
-    import inspect
-
-    from ray.train._internal import session
-
-    assert isinstance(session._RESULT_FETCH_TIMEOUT, float), "ray.train._internal.session._RESULT_FETCH_TIMEOUT moved"
-    polls = inspect.getsource(session._TrainSession._get_result_from_queues)
-    assert polls.count("timeout=_RESULT_FETCH_TIMEOUT") == 2, "Tune's session no longer polls with that timeout"
-    before = session._RESULT_FETCH_TIMEOUT
-    try:
-        internals.poll_train_results_every(1.0)
-        assert session._RESULT_FETCH_TIMEOUT == 1.0
-    finally:
-        session._RESULT_FETCH_TIMEOUT = before
-
-
 class _Events(tune.Callback):
     """A Tune callback whose pickled copy forgets what it held, as posetune's TrialEvents does."""
 

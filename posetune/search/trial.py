@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from posetune import internals, storage
+from posetune import storage
 from posetune.choices import diverged_result
 from posetune.cluster.placement import ResourcePlan
 from posetune.config import Config, config_from_dict
@@ -41,7 +41,6 @@ from posetune.search.space import SearchSpace, eval_milestone, trial_config
 WORKER_RESTARTS = 2  # per trial, from the latest checkpoint
 CONTROLLER_RETRIES = 2  # worker-group start failures (e.g. resources never free) before giving up
 SCRATCH_PREFIX = "posetune-trial-"  # per-worker scratch folders: <tmp>/posetune-trial-<pid>-*
-RESULT_POLL_S = 1.0  # the trial driver's wait per poll for Train's results (Ray's: 0.2 s)
 SCRATCH_OWNERS_EXIT_S = 10.0  # the end of a search waits this long for its killed workers to exit
 
 
@@ -197,7 +196,6 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # the search prints progress
         ),
     )
-    internals.poll_train_results_every(RESULT_POLL_S)
     with training_slot(setup.slots, trial_id):
         trainer.fit()
 
