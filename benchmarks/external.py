@@ -44,6 +44,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the shared replay, the ported functions
 import tune_replay
 from hartmann import PRESETS, Z_MAX, MFHartmann
+from regret import interval, resamples, versus
 from tune_replay import Curve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,6 @@ REPORTED = [
     "mfh6/good",
     "mfh6/bad",
 ]
-BOOTSTRAP = 1000  # resamples of the seeds for every interval
 CALIBRATION_SEEDS = 30  # the fewest seeds the calibration check runs with
 
 
@@ -253,6 +253,11 @@ STRATEGIES: dict[str, tuple[dict[str, Any], str | None]] = {
     "tpe_asha_complete": ({}, "stock"),  # Ray's stock OptunaSearch: a stopped trial told COMPLETE
     # first rung at 1/5 of default.yaml's 3.6M-sample budget, not 1/15: an ablation for poorly ranking rungs
     "posetune_late_grace": ({"asha": {"grace_samples": 720000}}, None),
+    "posetune_brackets": ({"asha": {"brackets": 3}}, None),  # Ray's ASHA brackets: a Hyperband-style hedge
+    "posetune_gated": ({"asha": {"rung_correlation": 0.5}}, None),  # stop only at rungs seen to rank well
+    "posetune_gated7": ({"asha": {"rung_correlation": 0.7}}, None),
+    "posetune_gated_e8": ({"asha": {"rung_correlation": 0.5, "rung_evidence": 8}}, None),
+    "posetune_gated_brackets": ({"asha": {"rung_correlation": 0.5, "brackets": 3}}, None),
 }
 # Tables have no curves, so ASHA never stops a trial there: the scheduler ablations are left out.
 TABLE_STRATEGIES = ["random", "optuna_tpe", "posetune", "posetune_startup10", "posetune_univariate"]
@@ -331,24 +336,6 @@ def run_task(
 # --- statistics ------------------------------------------------------------------------------------
 
 
-def resamples(count: int) -> np.ndarray:
-    """Bootstrap indices over `count` seeds, the same for every strategy (paired), fixed."""
-    return np.random.default_rng(0).integers(count, size=(BOOTSTRAP, count))
-
-
-def interval(values: np.ndarray, statistic) -> list[list[float]]:
-    """The 95% bootstrap interval of `statistic` over seeds, per budget: (seeds, budgets) -> (2, budgets)."""
-    boot = statistic(values[resamples(len(values))], axis=1)
-    return np.percentile(boot, [2.5, 97.5], axis=0).tolist()
-
-
-def paired(values: np.ndarray, baseline: np.ndarray) -> list[list[float]]:
-    """95% interval of median(strategy) - median(baseline), the seeds resampled together."""
-    idx = resamples(len(values))
-    diff = np.median(values[idx], axis=1) - np.median(baseline[idx], axis=1)
-    return np.percentile(diff, [2.5, 97.5], axis=0).T.tolist()
-
-
 def random_regret_distribution(task: TableTask, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Random search's exact regret distribution after n evaluations of a table: (regrets,
     probabilities), sorted. Each evaluation draws a configuration uniformly and one of its seeds
@@ -425,14 +412,9 @@ def calibration(task: TableTask, random: np.ndarray, budgets: list[int]) -> dict
     return {"ok": all(r["ks_distance"] <= band for r in rows), "band": band, "budgets": rows}
 
 
-def versus(curves: dict[str, np.ndarray], baseline: str, budgets: list[int]) -> dict[str, dict[str, list[float]]]:
+def at_budgets(curves: dict[str, np.ndarray], baseline: str, budgets: list[int]) -> dict[str, dict[str, list[float]]]:
     """Each other strategy's paired interval against `baseline`, per budget (negative: ahead)."""
-    columns = [b - 1 for b in budgets]
-    return {
-        s: dict(zip(map(str, budgets), paired(c[:, columns], curves[baseline][:, columns]), strict=True))
-        for s, c in curves.items()
-        if s != baseline
-    }
+    return versus(curves, baseline, [b - 1 for b in budgets], [str(b) for b in budgets])
 
 
 def summarise(name: str, curves: dict[str, np.ndarray], budgets: list[int]) -> dict[str, Any]:
@@ -445,7 +427,7 @@ def summarise(name: str, curves: dict[str, np.ndarray], budgets: list[int]) -> d
         "task": name,
         "budgets": budgets,
         "strategies": strategies,
-        "paired_vs_random": versus(curves, "random", budgets),
+        "paired_vs_random": at_budgets(curves, "random", budgets),
     }
 
 
@@ -491,7 +473,7 @@ def evaluate(
     result["anytime"] = anytime(curves)
     # posetune against the stock search and against its own searcher without early stopping
     pairs = [b for b in ("optuna_tpe", "posetune_fifo") if b in curves and "posetune" in curves]
-    result["paired_vs"] = {b: versus(curves, b, budgets)["posetune"] for b in pairs}
+    result["paired_vs"] = {b: at_budgets(curves, b, budgets)["posetune"] for b in pairs}
     result["optimum"] = task.optimum
     if isinstance(task, TableTask):
         result["calibration"] = calibration(task, curves["random"], budgets)
@@ -562,7 +544,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     cols = min(4, len(results))
     rows = math.ceil(len(results) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    colours = dict(zip(STRATEGIES, plt.get_cmap("tab10").colors, strict=False))  # one colour per strategy everywhere
+    colours = dict(zip(STRATEGIES, plt.get_cmap("tab20").colors, strict=False))  # one colour per strategy everywhere
     for ax, r in zip(axes.flat, results, strict=False):
         for s, c in r["anytime"].items():
             x = np.arange(1, len(c["median"]) + 1)

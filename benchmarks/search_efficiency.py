@@ -1,8 +1,8 @@
-"""Search efficiency: posetune's search against random search, at the same budget in samples.
+"""Search efficiency: posetune's search against random search on its own task, scored by what the user gets.
 
-    python benchmarks/search_efficiency.py record [--configs 64] [--processes 2]   # ~1 h on 2 cores
-    python benchmarks/search_efficiency.py replay [--seeds 200]                    # ~1 min
-    python benchmarks/search_efficiency.py check                                   # two real searches, ~12 min
+    python benchmarks/search_efficiency.py record [--configs 64 --seeds 3 --top 32]  # ~1.5 h on 2 cores
+    python benchmarks/search_efficiency.py replay [--seeds 100 --tables 20]          # minutes
+    python benchmarks/search_efficiency.py check                                     # two real searches, ~12 min
 
 Real training at the scale of many searches does not fit on a laptop, so this records once
 and replays many times (a tabular benchmark):
@@ -11,27 +11,31 @@ and replays many times (a tabular benchmark):
    from posetune's `qmc` sampler) to the full budget with posetune's own trial config and
    `fit`, one CPU thread each, and writes every evaluation (the search metric at each
    milestone and the wall seconds from the trial's start) to benchmarks/results/
-   search_efficiency_recording.json. A diverged configuration is recorded up to where it
-   diverged. Re-running continues an interrupted recording.
+   search_efficiency_recording.json: training seed 0 of every configuration, then seeds 1..
+   of the best `--top` by seed 0's end value, where a search's decision is made. A diverged
+   run is recorded up to where it diverged. Re-running continues an interrupted recording.
 2. replay: runs each strategy with posetune's searcher and scheduler classes (those `posetune
    search` builds) on a simulated clock: `concurrency` trials at a time, each advancing by its
-   recorded seconds per evaluation, until the search has spent its budget in
-   training samples. A sampled configuration trains as the *nearest recorded* one: the same
-   batch size and schedule, then the smallest distance in log learning rate and log
-   beta_loss, each scaled to its range.
+   recorded seconds per evaluation, until the search has spent its budget in training
+   samples. A sampled configuration trains as the *nearest recorded* one (the same batch size
+   and schedule, then the smallest distance in log learning rate and log beta_loss, each
+   scaled to its range), as one of its recorded seeds drawn by the trial's seed: a repeated
+   configuration is a new seed, not a new configuration.
+   Score: the *regret* of the incumbent (the trial with the best evaluation, as posetune
+   ranks trials) after each budget: its configuration's true value (the seed mean of each
+   run's end value, the mean of its last 3 evaluations) minus the best configuration's. The
+   figures: median regret at 2-32 full trials with paired intervals against random search;
+   the budget each strategy needs to reach random search's regret at 16 full trials (x 16);
+   the same ratio over bootstrap resamples of the configurations; the planted checks (PLANTED).
 3. check: one real `posetune search` per strategy posetune (8 trials) and random (4 trials),
    each compared with the replays of the same search (trial count, 2 at a time).
-
-Strategies (same budget, same concurrency): posetune (TPE + ASHA, stopped trials told to
-Optuna as pruned), random (no early stopping: a plain sweep), tpe (no early stopping),
-random_asha, tpe_asha_complete (TPE + ASHA with stopped trials told as complete with their
-partial score, as Ray's stock OptunaSearch does).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import math
 import multiprocessing
@@ -49,13 +53,15 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/: the replay shared with external.py
 import tune_replay
+from regret import interval, paired, resamples, versus
 from tune_replay import Curve, Trace
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SPACE_FILE = REPO / "benchmarks" / "search_efficiency.yaml"
 RECORDING = RESULTS / "search_efficiency_recording.json"
-PARTS = RESULTS / "search_efficiency_recording.parts"  # one file per configuration while recording
+PARTS = RESULTS / "search_efficiency_recording.parts"  # one file per run while recording
+END_EVALUATIONS = 3  # a run's end value: the mean of its last 3 evaluations (3,072 samples)
 
 
 # --- record -------------------------------------------------------------------------------------
@@ -81,8 +87,9 @@ def design(count: int) -> list[dict]:
     return configs
 
 
-def record_one(job: tuple[int, dict]) -> dict:
-    """Train one configuration to the full budget (in a worker process, one thread)."""
+def record_one(job: tuple[int, dict, int]) -> dict:
+    """Train one configuration with one training seed to the full budget (in a worker
+    process, one thread). The seed sets the initial weights and the order of the batches."""
     import torch
 
     from posetune.search.run import absolute_paths, ensure_dataset
@@ -90,14 +97,15 @@ def record_one(job: tuple[int, dict]) -> dict:
     from posetune.search.trial import budget_config
     from posetune.train.loop import TrainingDiverged, fit
 
-    index, params = job
+    index, params, seed = job
     torch.set_num_threads(1)
     space, base = load_space(SPACE_FILE)
     base = absolute_paths(base)
     cfg = budget_config(space, base, ensure_dataset(space, base), params)
+    cfg.seed = seed
     cfg.dataset.num_workers = 0  # batches made in this process: one thread per configuration
     metric = space.search.metric
-    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"posetune-record-{os.getpid()}-{index}"
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"posetune-record-{os.getpid()}-{index}-{seed}"
     cfg.system.out_dir = str(out)
     curve: list[dict] = []
     start = time.perf_counter()
@@ -113,13 +121,50 @@ def record_one(job: tuple[int, dict]) -> dict:
         diverged = exc.samples_seen
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    entry = {"index": index, "params": params, "curve": curve, "diverged_at": diverged}
-    part = PARTS / f"{index:03d}.json"
-    part.write_text(json.dumps(entry))
-    return entry
+    run = {"index": index, "seed": seed, "curve": curve, "diverged_at": diverged}
+    (PARTS / f"{index:03d}-{seed}.json").write_text(json.dumps(run))
+    return run
 
 
-def record(count: int, processes: int) -> None:
+def end_value(run: dict, metric: str) -> float:
+    """A run's de-noised end-of-training value: the mean of its last END_EVALUATIONS
+    evaluations (one evaluation of 300 frames is noisy); a diverged run's is infinite."""
+    points = run["curve"][-END_EVALUATIONS:]
+    if run["diverged_at"] is not None or len(points) < END_EVALUATIONS:
+        return math.inf
+    return statistics.fmean(point[metric] for point in points)
+
+
+def recorded_runs() -> dict[int, list[dict]]:
+    """Every recorded run by configuration index: the recording's, then the parts of an
+    interrupted recording. A recording from before seeds were recorded holds seed 0 only."""
+    runs: dict[int, list[dict]] = {}
+    if RECORDING.exists():
+        for entry in json.loads(RECORDING.read_text())["configs"]:
+            if "runs" not in entry:  # the format before seeds: one run, seed 0
+                entry["runs"] = [{"seed": 0, "curve": entry["curve"], "diverged_at": entry["diverged_at"]}]
+            runs[entry["index"]] = entry["runs"]
+    parts = sorted(PARTS.glob("*.json")) if PARTS.exists() else []
+    for part in parts:
+        run = json.loads(part.read_text())
+        runs.setdefault(run.pop("index"), []).append(run)
+    return {index: sorted(rs, key=lambda r: r["seed"]) for index, rs in runs.items()}
+
+
+def record_jobs(configs: list[dict], seeds: int, top: int, runs: dict[int, list[dict]], metric: str) -> list[tuple]:
+    """What is left to train: seed 0 of every configuration, then seeds 1..seeds-1 of the
+    `top` best by seed 0's end value (where the search's decision is made): every seed of the
+    best 16 first, so that an interrupted recording is most complete where it matters most."""
+    jobs = [(i, params, 0) for i, params in enumerate(configs) if i not in runs]
+    if jobs:  # the ranking needs every seed 0 first
+        return jobs
+    ranked = sorted(runs, key=lambda i: end_value(runs[i][0], metric))[:top]
+    have = {(i, run["seed"]) for i, rs in runs.items() for run in rs}
+    jobs = [(rank // 16, seed, rank, i) for rank, i in enumerate(ranked) for seed in range(1, seeds)]
+    return [(i, configs[i], seed) for _tier, seed, _rank, i in sorted(jobs) if (i, seed) not in have]
+
+
+def record(count: int, seeds: int, top: int, processes: int) -> None:
     from posetune.data.loader import load_split
     from posetune.search.run import absolute_paths, ensure_dataset
     from posetune.search.space import load_space
@@ -130,34 +175,38 @@ def record(count: int, processes: int) -> None:
     for split in (base.dataset.train_split, base.dataset.val_split):
         load_split(base, split)
     PARTS.mkdir(parents=True, exist_ok=True)
-    jobs = [(i, params) for i, params in enumerate(design(count)) if not (PARTS / f"{i:03d}.json").exists()]
-    print(f"recording {len(jobs)} of {count} configurations in {processes} processes", file=sys.stderr)
+    configs, metric = design(count), space.search.metric
     start = time.perf_counter()
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
-        futures = [pool.submit(record_one, job) for job in jobs]
-        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            entry = future.result()
-            best = min((p[space.search.metric] for p in entry["curve"]), default=float("nan"))
-            print(
-                f"[{done}/{len(jobs)}] config {entry['index']}: best {space.search.metric} {best:.4g}"
-                + (f", diverged at {entry['diverged_at']:,}" if entry["diverged_at"] is not None else "")
-                + f"  ({time.perf_counter() - start:.0f} s)",
-                file=sys.stderr,
-            )
-    entries = [json.loads(p.read_text()) for p in sorted(PARTS.glob("*.json"))]
+    while jobs := record_jobs(configs, seeds, top, recorded_runs(), metric):
+        print(f"recording {len(jobs)} runs in {processes} processes", file=sys.stderr)
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+            futures = [pool.submit(record_one, job) for job in jobs]
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                run = future.result()
+                print(
+                    f"[{done}/{len(jobs)}] config {run['index']} seed {run['seed']}: end {metric} "
+                    f"{end_value(run, metric):.4g}"
+                    + (f", diverged at {run['diverged_at']:,}" if run["diverged_at"] is not None else "")
+                    + f"  ({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                )
+    runs = recorded_runs()
+    entries = [{"index": i, "params": configs[i], "runs": runs[i]} for i in sorted(runs) if i < count]
     RECORDING.write_text(
         json.dumps(
             {
                 "how": (
-                    f"benchmarks/search_efficiency.py record: {len(entries)} configurations of "
-                    "benchmarks/search_efficiency.yaml (posetune's qmc sampler, seed 0), each trained "
-                    "to search.asha.max_samples with posetune.search.trial.budget_config and posetune.train.loop.fit, "
-                    f"one CPU thread each, {processes} at a time"
+                    f"benchmarks/search_efficiency.py record --configs {count} --seeds {seeds} --top {top}: "
+                    f"{len(entries)} configurations of benchmarks/search_efficiency.yaml (posetune's qmc "
+                    "sampler, seed 0), each trained to search.asha.max_samples with posetune.search.trial."
+                    f"budget_config and posetune.train.loop.fit with training seed 0, the {top} best by "
+                    f"their end value with seeds 1..{seeds - 1} too; one CPU thread each, {processes} at a time"
                 ),
-                "machine": f"{os.cpu_count()} CPUs, torch threads 1 per configuration",
+                "machine": f"{os.cpu_count()} CPUs, torch threads 1 per run",
+                "versions": versions(),
                 "space": SPACE_FILE.name,
-                "metric": space.search.metric,
+                "metric": metric,
                 "budget_samples": space.search.asha.max_samples,
                 "configs": entries,
             },
@@ -168,51 +217,103 @@ def record(count: int, processes: int) -> None:
     print(f"wrote {RECORDING}", file=sys.stderr)
 
 
+def versions() -> dict[str, str]:
+    """The packages that decide a result, recorded in every results file."""
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("ray", "optuna", "torch", "numpy")}
+
+
 # --- replay -------------------------------------------------------------------------------------
 
-STRATEGIES = {  # name -> (searcher, scheduler, how a stopped trial is told to Optuna)
-    "posetune": ("tpe", "asha", "pruned"),
-    "random": ("random", "fifo", "pruned"),
-    "tpe": ("tpe", "fifo", "pruned"),
-    "random_asha": ("random", "asha", "pruned"),
-    "tpe_asha_complete": ("tpe", "asha", "complete"),
+# name -> (search-file settings over benchmarks/search_efficiency.yaml's, the searcher instead of posetune's)
+STRATEGIES: dict[str, tuple[list[str], str | None]] = {
+    "posetune": ([], None),  # the benchmark file's search: TPE + ASHA, stopped trials told as pruned
+    "random": (["search.searcher=random", "search.scheduler=fifo"], None),  # a plain sweep
+    "tpe": (["search.scheduler=fifo"], None),
+    "random_asha": (["search.searcher=random"], None),
+    "tpe_asha_complete": ([], "stock"),  # Ray's stock OptunaSearch: a stopped trial told COMPLETE
 }
+# Candidate changes to the default search, measured with --strategies (the README says which won).
+CANDIDATES: dict[str, tuple[list[str], str | None]] = {
+    "posetune_gated": (["search.asha.rung_correlation=0.5"], None),  # stop only at rungs seen to rank well
+    "posetune_brackets": (["search.asha.brackets=3"], None),  # Ray's ASHA brackets, a Hyperband-style hedge
+    "posetune_late_grace": (["search.asha.grace_samples=6144"], None),  # one rung, a third of the budget in
+    "posetune_startup10": (["search.startup_trials=10"], None),  # Optuna's start-up count
+    "posetune_smoothed": ([], None),  # each evaluation reported as the mean of the last 3 (not a setting yet)
+}
+# Planted checks: random search changed in a way whose answer is known. If one misses, the
+# benchmark is broken, whatever the strategies do.
+PLANTED = {
+    "random_half_cost": "random search whose trials cost half the samples: needs 0.5x random's budget",
+    "random_good_lr": "random search within the learning rates of the 8 best configurations: clearly ahead",
+}
+MARKS = (2, 4, 8, 16, 32)  # the budgets reported, in full trials
+TARGET_TRIALS = 16  # the acceptance: reach random's regret at 16 full trials in half the budget
+STEP = 0.25  # the regret curves' grid, in full trials
 
 
 def strategy_settings(strategy: str, trials: int) -> list[str]:
     """The search-file settings of a strategy's search of `trials` trials."""
-    searcher, scheduler, _ = STRATEGIES[strategy]
-    return [f"search.searcher={searcher}", f"search.scheduler={scheduler}", f"search.num_samples={trials}"]
+    settings, _ = (STRATEGIES | CANDIDATES)["random" if strategy in PLANTED else strategy]
+    return [*settings, f"search.num_samples={trials}"]
 
 
 class Recording:
-    """The recorded curves, and which one a sampled configuration trains as."""
+    """The recorded runs, which one a sampled configuration trains as, and what it is worth.
 
-    def __init__(self, data: dict, space):
-        self.configs = data["configs"]
+    A configuration's *true value* is the mean over its recorded seeds of each run's end value
+    (the mean of its last evaluations): what a user gets from training it, de-noised. A
+    sampled configuration trains as the nearest recorded one, as one of its recorded seeds
+    (drawn by the trial's seed), so a repeated configuration is a new seed of it."""
+
+    def __init__(self, data: dict, space, configs: list[dict] | None = None):
+        self.data, self.space = data, space
+        self.configs = data["configs"] if configs is None else configs
         self.metric = data["metric"]
         self.parameters = space.parameters
-        ends = [entry["curve"][-1] for entry in self.configs if entry["curve"]]
+        ends = [run["curve"][-1] for entry in self.configs for run in entry["runs"] if run["curve"]]
         self.seconds_per_sample = sum(end["seconds"] for end in ends) / sum(end["samples"] for end in ends)
+        self.truth = {e["index"]: statistics.fmean(end_value(r, self.metric) for r in e["runs"]) for e in self.configs}
+        self.optimum = min(self.truth.values())
+
+    def resampled(self, rng: np.random.Generator) -> Recording:
+        """The same task with its configurations drawn again with replacement: a bootstrap
+        over configurations (a repeated one is one point of the space, counted once)."""
+        picks = sorted(set(rng.integers(len(self.configs), size=len(self.configs)).tolist()))
+        return Recording(self.data, self.space, [self.configs[i] for i in picks])
 
     def nearest(self, params: dict) -> dict:
         """The same choice values where possible, then the nearest continuous values, each
         distance scaled to its parameter's range (log ranges for log distributions)."""
         return min(self.configs, key=lambda entry: self._distance(params, entry["params"]))
 
-    def curve(self, params: dict, seed: int) -> Curve:
-        """What a sampled configuration reports: its nearest recorded one's curve (one training
-        seed was recorded, so `seed` is unused); a diverged one reports what a diverged trial
-        reports to Tune (choices.diverged_result) where it diverged."""
+    def __call__(self, params: dict, seed: int, cost: float = 1.0, smooth: int = 1) -> Curve:
+        """What a sampled configuration reports: one recorded run of its nearest recorded
+        configuration; a diverged run reports what a diverged trial reports to Tune
+        (choices.diverged_result) where it diverged. `cost`: samples counted per sample seen;
+        `smooth`: each evaluation reported as the mean of the last `smooth` (a candidate)."""
         from posetune.choices import diverged_result
 
         entry = self.nearest(params)
-        points = [dict(point) for point in entry["curve"]]
-        if entry["diverged_at"] is not None:
-            worst = diverged_result(self.metric, "diverged", entry["diverged_at"])[self.metric]
-            seconds = entry["diverged_at"] * self.seconds_per_sample
-            points.append({self.metric: worst, "diverged": 1, "samples": entry["diverged_at"], "seconds": seconds})
-        return Curve(points, config=entry["index"])
+        run = entry["runs"][seed % len(entry["runs"])]
+        points = [dict(point) for point in run["curve"]]
+        values = [point[self.metric] for point in points]
+        for k, point in enumerate(points):
+            point[self.metric] = statistics.fmean(values[max(0, k + 1 - smooth) : k + 1])
+        if run["diverged_at"] is not None:
+            worst = diverged_result(self.metric, "diverged", run["diverged_at"])[self.metric]
+            seconds = run["diverged_at"] * self.seconds_per_sample
+            points.append({self.metric: worst, "diverged": 1, "samples": run["diverged_at"], "seconds": seconds})
+        for point in points:
+            point["samples"] = round(point["samples"] * cost)
+        return Curve(points, config=entry["index"], score=self.truth[entry["index"]])
+
+    def good_lr_band(self, count: int = 8) -> tuple[float, float]:
+        """The learning rates the `count` best configurations span (the planted check's band)."""
+        best = sorted(self.configs, key=lambda e: self.truth[e["index"]])[:count]
+        rates = [entry["params"]["optimizer.lr"] for entry in best]
+        return min(rates), max(rates)
 
     def _distance(self, a: dict, b: dict) -> float:
         total = 0.0
@@ -238,142 +339,270 @@ def replay(
     from posetune.search.searchers import SAMPLERS
     from posetune.search.space import DefineByRun, load_space
 
-    told = STRATEGIES[strategy][2]
     full_trials = trials or int(budget // recording_budget(recording))
     # num_samples: the sweep this budget buys, which sets TPE's start-up trials
     space, _ = load_space(SPACE_FILE, [*strategy_settings(strategy, full_trials), f"search.seed={seed}"])
     s = space.search
     searcher = None  # posetune's: build_searcher
-    if told == "complete":  # Ray's stock OptunaSearch: a stopped trial is told COMPLETE with its last score
+    if (STRATEGIES | CANDIDATES).get(strategy, ([], None))[1] == "stock":
         searcher = OptunaSearch(
             space=DefineByRun(space), metric=s.metric, mode=s.resolved_mode, sampler=SAMPLERS["tpe"](s)
         )
-    return tune_replay.replay(space, recording.curve, seed, budget, concurrency, trials, searcher)
+    curves: tune_replay.Recording = recording
+    if strategy == "random_half_cost":
+        curves = functools.partial(recording, cost=0.5)
+    elif strategy == "posetune_smoothed":
+        curves = functools.partial(recording, smooth=END_EVALUATIONS)
+    elif strategy == "random_good_lr":
+        low, high = recording.good_lr_band()
+        lr = space.parameters["optimizer.lr"].model_copy(update={"low": low, "high": high})
+        space = space.model_copy(update={"parameters": space.parameters | {"optimizer.lr": lr}})
+    return tune_replay.replay(space, curves, seed, budget, concurrency, trials, searcher)
 
 
 def recording_budget(recording: Recording) -> int:
-    return max(point["samples"] for entry in recording.configs for point in entry["curve"])
+    return max(point["samples"] for entry in recording.configs for run in entry["runs"] for point in run["curve"])
 
 
-def summarise(traces: dict[str, list[Trace]], budget: int) -> dict:
-    """Each strategy's median budget to reach random search's median final best, its ratio
-    to random search's, and its median final best. The target is the upper median of random
-    search's final bests, so that more than half of random's searches reach it (with an even
-    number of seeds the plain median would leave random's own median budget infinite)."""
-    target = statistics.median_high(trace.best_at(budget) for trace in traces["random"])
-    figures = {}
-    for name, runs in traces.items():
-        needed = statistics.median(trace.budget_to_reach(target) for trace in runs)
-        figures[name] = {
-            "median_budget_to_target": None if math.isinf(needed) else needed,
-            "median_final_best": statistics.median(trace.best_at(budget) for trace in runs),
-            "median_best_at_quarter_budget": statistics.median(trace.best_at(budget / 4) for trace in runs),
-            "median_trials": statistics.median(trace.trials for trace in runs),
-            "median_distinct_configs": statistics.median(len(trace.configs) for trace in runs),
-        }
-    random_needed = figures["random"]["median_budget_to_target"]
-    for figure in figures.values():
-        needed = figure["median_budget_to_target"]
-        figure["ratio_to_random"] = None if needed is None else round(needed / random_needed, 3)
-    return {"target": target, "strategies": figures}
+def grid(full_trials: int) -> np.ndarray:
+    """The budgets (in full trials) the regret curves are read at."""
+    return np.arange(STEP, full_trials + STEP / 2, STEP)
 
 
-def plot(traces: dict[str, list[Trace]], budget: int, unit: int, target: float, path: Path) -> None:
+def regret_curves(recording: Recording, strategies: list[str], seeds: int, full_trials: int, concurrency: int):
+    """strategy -> (seeds, grid) regret of the incumbent (the trial with the best evaluation,
+    as posetune ranks trials): its configuration's true value minus the best true value."""
+    unit = recording_budget(recording)
+    curves = {}
+    for name in strategies:
+        traces = [replay(recording, name, seed, full_trials * unit, concurrency) for seed in range(seeds)]
+        curves[name] = np.array([[t.score_at(b * unit) - recording.optimum for b in grid(full_trials)] for t in traces])
+    return curves
+
+
+def budget_to_reach(curve: np.ndarray, target: float, budgets: np.ndarray) -> float:
+    """The first budget at which the median over seeds is at or below `target` (inf: never)."""
+    reached = np.nonzero(np.median(curve, axis=0) <= target)[0]
+    return float(budgets[reached[0]]) if len(reached) else math.inf
+
+
+def budget_ratios(curves: dict[str, np.ndarray], budgets: np.ndarray) -> dict[str, dict]:
+    """Each strategy's budget to reach random search's median regret at TARGET_TRIALS full
+    trials, as a fraction of TARGET_TRIALS, with its 95% interval (seeds resampled together)."""
+    column = int(np.searchsorted(budgets, TARGET_TRIALS))
+    target = float(np.median(curves["random"][:, column]))
+    idx = resamples(len(curves["random"]))
+    ratios = {}
+    for name, curve in curves.items():
+        boot = [
+            budget_to_reach(curve[i], float(np.median(curves["random"][i, column])), budgets) / TARGET_TRIALS
+            for i in idx
+        ]
+        ratio = budget_to_reach(curve, target, budgets) / TARGET_TRIALS
+        ratios[name] = {"ratio": ratio, "interval": np.percentile(boot, [2.5, 97.5]).tolist()}
+    return {"target_regret": target, "strategies": ratios}
+
+
+def over_configurations(recording: Recording, strategies: list[str], tables: int, seeds: int, args) -> dict:
+    """The budget ratios again on `tables` bootstrap resamples of the configurations: how much
+    the result depends on which 64 configurations happened to be recorded."""
+    rng = np.random.default_rng(1)
+    ratios: dict[str, list[float]] = {name: [] for name in strategies}
+    for _ in range(tables):
+        table = recording.resampled(rng)
+        curves = regret_curves(table, strategies, seeds, args.trials, args.concurrency)
+        for name, figures in budget_ratios(curves, grid(args.trials))["strategies"].items():
+            ratios[name].append(figures["ratio"])
+    return {
+        "tables": tables,
+        "seeds": seeds,
+        "strategies": {
+            name: {
+                "median_ratio": float(np.median(values)),
+                "interval": np.percentile(values, [2.5, 97.5]).tolist(),
+                "share_at_most_half": float(np.mean(np.array(values) <= 0.5)),
+            }
+            for name, values in ratios.items()
+        },
+    }
+
+
+PLANTED_AT = 4  # full trials: where the good band must be ahead (by 16 random may find the best too)
+
+
+def planted_checks(curves: dict[str, np.ndarray], budgets: np.ndarray) -> dict[str, dict]:
+    """Whether each planted effect shows: half cost needs 0.4-0.6x of random's budget to reach
+    random's regret at TARGET_TRIALS; the good band's mean regret at PLANTED_AT full trials is
+    below random's, its paired 95% interval below 0 (means: medians of a few dozen distinct
+    regrets are often equal)."""
+    half = budget_ratios(curves, budgets)["strategies"]["random_half_cost"]["ratio"]
+    column = [int(np.searchsorted(budgets, PLANTED_AT))]
+    good = paired(curves["random_good_lr"][:, column], curves["random"][:, column], np.mean)[0]
+    return {
+        "random_half_cost": {"ratio": half, "ok": 0.4 <= half <= 0.6},
+        "random_good_lr": {f"mean_regret_minus_random_at_{PLANTED_AT}": good, "ok": good[1] < 0},
+    }
+
+
+def replay_all(args: argparse.Namespace) -> None:
+    from posetune.search.space import load_space
+
+    space, _ = load_space(SPACE_FILE)
+    recording = Recording(json.loads(RECORDING.read_text()), space)
+    strategies = ["random", *[s for s in args.strategies if s != "random"]]
+    start = time.perf_counter()
+    curves = regret_curves(recording, strategies, args.seeds, args.trials, args.concurrency)
+    print(f"{len(strategies)} strategies x {args.seeds} seeds in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    budgets = grid(args.trials)
+    marks = [m for m in MARKS if m <= args.trials]
+    columns = [int(np.searchsorted(budgets, m)) for m in marks]
+    ratios = budget_ratios(curves, budgets)
+    paired_vs_random = versus(curves, "random", columns, [str(m) for m in marks])
+    figures = {
+        "how": (
+            f"benchmarks/search_efficiency.py replay --seeds {args.seeds} --trials {args.trials} "
+            f"--concurrency {args.concurrency} --tables {args.tables} over {RECORDING.name}"
+        ),
+        "versions": versions(),
+        "recording_versions": recording.data.get("versions"),
+        "seeds": args.seeds,
+        "concurrency": args.concurrency,
+        "budget_unit_samples": recording_budget(recording),
+        "configs_recorded": len(recording.configs),
+        "runs_recorded": sum(len(e["runs"]) for e in recording.configs),
+        "optimum": recording.optimum,
+        "budgets": marks,
+        "strategies": {
+            name: {
+                "median_regret": {str(m): float(np.median(c[:, k])) for m, k in zip(marks, columns, strict=True)},
+                "median_interval": {
+                    str(m): [lo, hi]
+                    for m, lo, hi in zip(marks, *(np.array(interval(c, np.median))[:, columns]), strict=True)
+                },
+            }
+            for name, c in curves.items()
+        },
+        "paired_vs_random": paired_vs_random,
+        "budget_to_random_at_16": ratios,
+        "planted": planted_checks(curves, budgets) if set(PLANTED) <= set(curves) else {},
+        "diagnostics": diagnostics(recording, [int(rung) for rung in space.search.asha.rungs()]),
+    }
+    if args.tables:
+        figures["over_configurations"] = over_configurations(recording, strategies, args.tables, args.table_seeds, args)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search_efficiency.json").write_text(json.dumps(figures, indent=2))
+    plot(curves, budgets, out / "search_efficiency.png")
+    (out / "search_efficiency.md").write_text(markdown(figures))
+    print(markdown(figures))
+    if not figures["planted"]:
+        print("planted checks not run: --strategies left them out", file=sys.stderr)
+    elif not all(check["ok"] for check in figures["planted"].values()):
+        raise SystemExit("a planted check failed: the benchmark cannot tell strategies apart (see above)")
+
+
+def plot(curves: dict[str, np.ndarray], budgets: np.ndarray, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = np.linspace(unit / 8, budget, 200)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, runs in traces.items():
-        values = np.array([[trace.best_at(b) for b in grid] for trace in runs])
-        q1, median, q3 = np.percentile(values, [25, 50, 75], axis=0)
-        line = ax.plot(grid / unit, median, label=name)[0]
-        ax.fill_between(grid / unit, q1, q3, color=line.get_color(), alpha=0.15)
-    ax.axhline(target, color="grey", linestyle=":", label="random's median final best")
-    ax.set_xlabel(f"budget spent (full trials of {unit:,} samples)")
-    ax.set_ylabel("best pose_error so far (median, quartiles over seeds)")
-    ax.set_yscale("log")
+    for name, c in curves.items():
+        low, high = np.array(interval(c, np.median))
+        line = ax.plot(budgets, np.median(c, axis=0), label=name, linestyle=":" if name in PLANTED else "-")[0]
+        ax.fill_between(budgets, low, high, color=line.get_color(), alpha=0.12)
+    ax.axvline(TARGET_TRIALS, color="grey", linestyle=":")
+    ax.set_xlabel("budget spent (full trials)")
+    ax.set_ylabel("regret of the incumbent (median, 95% interval over seeds)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=0.05)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def replay_all(seeds: int, full_trials: int, concurrency: int) -> None:
-    from posetune.search.space import load_space
-
-    space, _ = load_space(SPACE_FILE)
-    recording = Recording(json.loads(RECORDING.read_text()), space)
-    unit = recording_budget(recording)
-    budget = full_trials * unit
-    traces: dict[str, list[Trace]] = {}
-    for name in STRATEGIES:
-        start = time.perf_counter()
-        traces[name] = [replay(recording, name, seed, budget, concurrency) for seed in range(seeds)]
-        print(f"{name}: {seeds} searches replayed in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    summary = summarise(traces, budget)
-    asha = space.search.asha
-    figures = {
-        "seeds": seeds,
-        "configs_recorded": len(recording.configs),
-        "budget_unit": "samples",
-        "budget": budget,
-        "concurrency": concurrency,
-        "target": summary["target"],
-        "strategies": summary["strategies"],
-        "recording": diagnostics(recording, [int(rung) for rung in asha.rungs()]),
-        "how": (
-            f"benchmarks/search_efficiency.py replay --seeds {seeds} --trials {full_trials} "
-            f"--concurrency {concurrency} over {RECORDING.name}"
-        ),
-    }
-    (RESULTS / "search_efficiency.json").write_text(json.dumps(figures, indent=2))
-    plot(traces, budget, unit, summary["target"], RESULTS / "search_efficiency.png")
-    (RESULTS / "search_efficiency.md").write_text(markdown(figures, unit))
-    print(markdown(figures, unit))
-
-
 def diagnostics(recording: Recording, rungs: list[int]) -> dict:
-    """What the recorded task looks like to a search: how well a configuration's score at each
-    ASHA rung ranks its best score (Spearman), and how noisy one evaluation is."""
+    """What the recorded task looks like to a search: how well a run's value at each ASHA rung
+    ranks the configurations' true values (Spearman, over all and over the better half), how
+    noisy one evaluation is, and how much the seeds of one configuration differ."""
     from scipy.stats import spearmanr
 
-    metric, entries = recording.metric, [e for e in recording.configs if e["curve"]]
-    best = [min(point[metric] for point in e["curve"]) for e in entries]
+    metric, entries = recording.metric, recording.configs
+    truth = [recording.truth[e["index"]] for e in entries]
+    good = [i for i, t in enumerate(truth) if t <= statistics.median(truth)]
+
+    def at(entry: dict, samples: int) -> float:
+        return next((p[metric] for p in entry["runs"][0]["curve"] if p["samples"] == samples), math.inf)
+
     correlation = {}
     for rung in rungs:
-        at_rung = [next((p[metric] for p in e["curve"] if p["samples"] == rung), math.inf) for e in entries]
-        correlation[str(rung)] = round(float(spearmanr(at_rung, best).statistic), 3)
-    good = [e for e, b in zip(entries, best, strict=True) if b <= statistics.median(best)]
-    noise = statistics.median(statistics.stdev(p[metric] for p in e["curve"][-6:]) for e in good)
+        values = [at(e, rung) for e in entries]
+        correlation[str(rung)] = {
+            "all": round(float(spearmanr(values, truth).statistic), 3),
+            "better_half": round(float(spearmanr([values[i] for i in good], [truth[i] for i in good]).statistic), 3),
+        }
+    runs = [r for i in good for r in entries[i]["runs"]]
+    noise = statistics.median(statistics.stdev(p[metric] for p in r["curve"][-6:]) for r in runs)
+    seeded = [e for e in entries if len(e["runs"]) > 1]
+    spread = [statistics.stdev(end_value(r, metric) for r in e["runs"]) for e in seeded]
     return {
-        "rung_rank_correlation_with_best": correlation,
-        "evaluation_noise": round(noise, 3),  # median sd of the last 6 evaluations, better half of configs
-        "best_scores": [round(b, 3) for b in sorted(best)[:8]],  # the 8 best configurations' best scores
+        "rung_rank_correlation_with_truth": correlation,
+        "evaluation_noise": round(noise, 3),  # median sd of the last 6 evaluations, better half
+        "seed_sd_of_end_value": round(statistics.median(spread), 3) if spread else None,
+        "best_true_values": [round(t, 3) for t in sorted(truth)[:8]],
     }
 
 
-def markdown(figures: dict, unit: int) -> str:
+def markdown(figures: dict) -> str:
+    marks = figures["budgets"]
     lines = [
-        f"Budget {figures['budget']:,} samples ({figures['budget'] // unit} full trials), "
-        f"{figures['concurrency']} trials at a time, {figures['seeds']} seeds, "
-        f"{figures['configs_recorded']} recorded configurations. Target: random search's median final "
-        f"best pose_error, {figures['target']:.3f}.",
+        f"Regret of the incumbent (its configuration's true value, the seed mean of the end value, minus "
+        f"the best recorded configuration's, {figures['optimum']:.3f}) after each budget in full trials, "
+        f"median over {figures['seeds']} seeds; in brackets the paired 95% interval of median(strategy) - "
+        f"median(random) (negative: ahead). {figures['concurrency']} trials at a time, "
+        f"{figures['configs_recorded']} configurations, {figures['runs_recorded']} recorded runs.",
         "",
-        "| strategy | median budget to target (samples) | ratio to random | median final best "
-        "| median best at 1/4 budget | median trials (distinct configs) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| strategy | " + " | ".join(map(str, marks)) + " | budget to random's regret at 16 (x 16) |",
+        "| --- |" + " ---: |" * (len(marks) + 1),
     ]
+    ratios = figures["budget_to_random_at_16"]["strategies"]
     for name, f in figures["strategies"].items():
-        needed = "not reached" if f["median_budget_to_target"] is None else f"{f['median_budget_to_target']:,.0f}"
-        ratio = "-" if f["ratio_to_random"] is None else f"{f['ratio_to_random']:.2f}"
-        trials = f"{f['median_trials']:.0f} ({f['median_distinct_configs']:.0f})"
-        lines.append(
-            f"| {name} | {needed} | {ratio} | {f['median_final_best']:.3f} | "
-            f"{f['median_best_at_quarter_budget']:.3f} | {trials} |"
-        )
+        cells = []
+        for m in marks:
+            cell = f"{f['median_regret'][str(m)]:.3f}"
+            if name != "random":
+                low, high = figures["paired_vs_random"][name][str(m)]
+                cell += f" [{low:+.3f}, {high:+.3f}]"
+            cells.append(cell)
+        r = ratios[name]
+        cells.append(f"{r['ratio']:.2f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "over_configurations" in figures:
+        o = figures["over_configurations"]
+        lines += [
+            "",
+            f"Over {o['tables']} bootstrap resamples of the configurations ({o['seeds']} seeds each), the "
+            "budget ratio's median, 95% range and share of resamples at or under 0.5:",
+            "",
+        ]
+        lines += [
+            f"- {name}: {s['median_ratio']:.2f} [{s['interval'][0]:.2f}, {s['interval'][1]:.2f}], "
+            f"{s['share_at_most_half']:.0%}"
+            for name, s in o["strategies"].items()
+        ]
+    lines += ["", "Planted checks (if one fails the benchmark is broken):", ""] if figures["planted"] else []
+    for name, check in figures["planted"].items():
+        shown = {k: v for k, v in check.items() if k != "ok"}
+        lines.append(f"- {name} ({PLANTED[name]}): {'passes' if check['ok'] else 'FAILS'} {shown}")
+    d = figures["diagnostics"]
+    lines += [
+        "",
+        f"The task: rung-to-truth Spearman {d['rung_rank_correlation_with_truth']}; one evaluation's noise "
+        f"(sd) {d['evaluation_noise']}, seeds' sd of the end value {d['seed_sd_of_end_value']}; "
+        f"versions {figures['versions']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -415,11 +644,15 @@ def check(seeds: int) -> None:
             {
                 "samples": trial["samples_seen"],
                 "real_best": trial["best_metrics"][metric],
-                "recorded_best": min(p[metric] for p in entry["curve"] if p["samples"] <= trial["samples_seen"]),
+                "recorded_best": min(
+                    p[metric] for p in entry["runs"][0]["curve"] if p["samples"] <= trial["samples_seen"]
+                ),
             }
             for trial in results
             for entry in recording.configs
-            if trial.get("best_metrics") and entry["curve"] and _same_params(trial["params"], entry["params"])
+            if trial.get("best_metrics")
+            and entry["runs"][0]["curve"]
+            and _same_params(trial["params"], entry["params"])
         ]
         trials_run = [
             {key: trial.get(key) for key in ("id", "params", "status", "samples_seen")}
@@ -450,20 +683,34 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     rec = commands.add_parser("record", help="train configurations to the full budget and record their curves")
     rec.add_argument("--configs", type=int, default=64)
+    rec.add_argument("--seeds", type=int, default=3, help="training seeds of each of the --top configurations")
+    rec.add_argument("--top", type=int, default=32, help="how many of the best configurations get every seed")
     rec.add_argument("--processes", type=int, default=2)
     rep = commands.add_parser("replay", help="replay the strategies over the recording")
-    rep.add_argument("--seeds", type=int, default=200)
-    rep.add_argument("--trials", type=int, default=16, help="budget, in full trials (of max_samples each)")
+    rep.add_argument("--seeds", type=int, default=100)
+    rep.add_argument("--trials", type=int, default=32, help="the largest budget, in full trials (of max_samples)")
     rep.add_argument("--concurrency", type=int, default=4)
+    rep.add_argument("--tables", type=int, default=20, help="bootstrap resamples of the configurations (0: none)")
+    rep.add_argument("--table-seeds", type=int, default=20, help="seeds per resample")
+    every = [*STRATEGIES, *PLANTED, *CANDIDATES]
+    rep.add_argument(
+        "--strategies",
+        type=lambda text: text.split(","),
+        default=[*STRATEGIES, *PLANTED],
+        help=f"comma-separated, of: {', '.join(every)} (default: all but the candidates)",
+    )
+    rep.add_argument("--results", default=str(RESULTS), help="folder for the figures (default: benchmarks/results)")
     chk = commands.add_parser("check", help="one real search for posetune and random, against their replays")
     chk.add_argument("--seeds", type=int, default=200)
     args = parser.parse_args()
+    if args.command == "replay" and set(args.strategies) - set(every):
+        parser.error(f"unknown strategies {', '.join(sorted(set(args.strategies) - set(every)))}")
     if args.command == "check":
         check(args.seeds)
     elif args.command == "record":
-        record(args.configs, args.processes)
+        record(args.configs, args.seeds, args.top, args.processes)
     elif args.command == "replay":
-        replay_all(args.seeds, args.trials, args.concurrency)
+        replay_all(args)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,26 @@ def bench():
 
 
 def made_up_recording(bench, count: int = 24) -> dict:
-    """Curves that improve with samples and are best near lr 3e-3; lr above 2e-2 diverges."""
+    """Curves that improve with samples and are best near lr 3e-3; lr above 2e-2 diverges.
+    The better half has a second training seed, 10% worse at every evaluation."""
     configs = []
     for index, params in enumerate(bench.design(count)):
         lr = params["optimizer.lr"]
         quality = 1 + 4 * abs(math.log10(lr / 3e-3))
         diverges = lr > 2e-2
         milestones = range(1024, (3 * 1024 if diverges else 18432) + 1, 1024)
-        curve = [{"samples": m, "pose_error": quality * (1 + 4096 / m), "seconds": m / 200} for m in milestones]
-        configs.append({"index": index, "params": params, "curve": curve, "diverged_at": 3500 if diverges else None})
+        runs = [
+            {
+                "seed": seed,
+                "curve": [
+                    {"samples": m, "pose_error": (1 + seed / 10) * quality * (1 + 4096 / m), "seconds": m / 200}
+                    for m in milestones
+                ],
+                "diverged_at": 3500 if diverges else None,
+            }
+            for seed in range(2 if quality < 3 else 1)
+        ]
+        configs.append({"index": index, "params": params, "runs": runs})
     return {"configs": configs, "metric": "pose_error"}
 
 
@@ -59,7 +70,9 @@ def test_replay_spends_its_budget_as_tune_would(bench, recording, strategy):
     trace = bench.replay(recording, strategy, seed=0, budget=budget, concurrency=2)
     assert budget <= trace.spent[-1] < budget + unit and trace.spent == sorted(trace.spent)
     assert trace.best == sorted(trace.best, reverse=True) and math.isfinite(trace.best[-1])
-    _, scheduler, told = bench.STRATEGIES[strategy]
+    settings, searcher = bench.STRATEGIES[strategy]
+    scheduler = "fifo" if "search.scheduler=fifo" in settings else "asha"
+    told = "complete" if searcher == "stock" else "pruned"
     finished = [samples for samples in trace.ended if samples == unit]
     stopped = [samples for samples in trace.ended if samples != unit]
     if scheduler == "fifo":  # every trial that ended trained its whole budget, or diverged
@@ -74,12 +87,41 @@ def test_replay_spends_its_budget_as_tune_would(bench, recording, strategy):
         assert trace.told.get("PRUNED", 0) == 0 and trace.told["COMPLETE"] == len(trace.ended)
 
 
-def test_summary_compares_every_strategy_with_random_search(bench, recording):
-    unit = bench.recording_budget(recording)
-    traces = {
-        name: [bench.replay(recording, name, seed, 4 * unit, 2) for seed in range(2)] for name in ("random", "posetune")
-    }
-    summary = bench.summarise(traces, 4 * unit)
-    assert summary["strategies"]["random"]["ratio_to_random"] == 1.0
-    for figures in summary["strategies"].values():
-        assert {"median_budget_to_target", "ratio_to_random", "median_final_best", "median_trials"} <= set(figures)
+def test_a_trial_trains_as_one_recorded_seed_and_is_worth_its_configurations_seed_mean(bench, recording):
+    entry = next(e for e in recording.configs if len(e["runs"]) == 2)
+    first, second = (recording(entry["params"], seed) for seed in (0, 1))
+    assert first.points != second.points  # the trial's seed picks the run
+    ends = [bench.end_value(run, "pose_error") for run in entry["runs"]]
+    assert first.score == second.score == pytest.approx((ends[0] + ends[1]) / 2)
+    assert ends[1] == pytest.approx(1.1 * ends[0])  # the mean of the last 3 evaluations
+    assert first.config == second.config == entry["index"]  # one configuration, not two
+    diverged = next(e for e in recording.configs if e["runs"][0]["diverged_at"] is not None)
+    assert math.isinf(recording.truth[diverged["index"]])
+
+
+def test_planted_checks_pass_and_a_harness_that_miscounts_cost_fails_them(bench, recording):
+    strategies = ["random", *bench.PLANTED]
+    curves = bench.regret_curves(recording, strategies, seeds=30, full_trials=16, concurrency=2)
+    budgets = bench.grid(16)
+    checks = bench.planted_checks(curves, budgets)
+    assert all(check["ok"] for check in checks.values()), checks
+    assert bench.budget_ratios(curves, budgets)["strategies"]["random"]["ratio"] <= 1.0
+    # A harness that forgot the half cost, or a band that is no better: random again under their names.
+    broken = bench.planted_checks(curves | dict.fromkeys(bench.PLANTED, curves["random"]), budgets)
+    assert not any(check["ok"] for check in broken.values()), broken
+
+
+def test_the_replay_command_writes_its_figures_with_versions_and_planted_checks(bench, tmp_path):
+    """On the committed recording, small: every strategy, budgets to 16, two resampled tables."""
+    import json
+    import subprocess
+
+    command = [sys.executable, str(REPO / "benchmarks" / "search_efficiency.py"), "replay", "--seeds", "12"]
+    command += ["--trials", "16", "--tables", "2", "--table-seeds", "4", "--results", str(tmp_path)]
+    subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    figures = json.loads((tmp_path / "search_efficiency.json").read_text())
+    assert {"ray", "optuna", "torch"} <= set(figures["versions"]) and figures["recording_versions"]
+    assert set(figures["strategies"]) == set(bench.STRATEGIES) | set(bench.PLANTED)
+    assert all(check["ok"] for check in figures["planted"].values())
+    assert figures["budgets"] == [2, 4, 8, 16] and figures["over_configurations"]["tables"] == 2
+    assert (tmp_path / "search_efficiency.png").stat().st_size > 0 and (tmp_path / "search_efficiency.md").exists()

@@ -165,6 +165,57 @@ def test_asha_lets_a_trial_at_the_budget_end_on_its_own():
     assert decisions["ray"][1] == TrialScheduler.STOP and decisions["posetune"][1] == TrialScheduler.CONTINUE
 
 
+def test_a_rung_stops_trials_only_once_it_has_ranked_finished_trials_well():
+    """asha.rung_correlation: before `rung_evidence` trials have finished, and while the rung's
+    values rank their final values worse than asked, a trial below the cut-off passes the rung;
+    once finished trials show the rung ranks well, the same result is stopped."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from posetune.search.searchers import build_scheduler
+
+    space, _ = load_space(
+        "search_spaces/quick.yaml", ["search.asha.rung_correlation=0.5", "search.asha.rung_evidence=3"]
+    )
+    asha = space.search.asha
+    rung, budget = asha.grace_samples, asha.max_samples
+
+    def scheduler_after(finished: list[tuple[float, float]]):
+        """A scheduler that has seen these (rung value, final value) trials finish."""
+        scheduler = build_scheduler(space)
+        scheduler.set_search_properties(space.search.metric, space.search.resolved_mode)
+        for i, (at_rung, final) in enumerate(finished):
+            trial = SimpleNamespace(trial_id=f"f{i}")
+            scheduler.on_trial_add(None, trial)
+            assert scheduler.on_trial_result(None, trial, {"pose_error": at_rung, "samples_seen": rung}) in (
+                TrialScheduler.CONTINUE,
+                TrialScheduler.STOP,
+            )
+            scheduler.on_trial_result(None, trial, {"pose_error": final, "samples_seen": budget})
+        return scheduler
+
+    def decision(scheduler) -> str:
+        late = SimpleNamespace(trial_id="late")
+        scheduler.on_trial_add(None, late)
+        return scheduler.on_trial_result(None, late, {"pose_error": 99.0, "samples_seen": rung})
+
+    ranks_well = [(1.0, 1.0), (2.0, 2.0), (3.0, 3.0)]
+    ranks_badly = [(1.0, 3.0), (2.0, 2.0), (3.0, 1.0)]
+    assert decision(scheduler_after(ranks_well[:2])) == TrialScheduler.CONTINUE  # too little evidence yet
+    assert decision(scheduler_after(ranks_badly)) == TrialScheduler.CONTINUE  # Spearman -1
+    assert decision(scheduler_after(ranks_well)) == TrialScheduler.STOP  # Spearman 1: ASHA's cut-off stands
+    plain, _ = load_space("search_spaces/quick.yaml")  # without rung_correlation: Ray's ASHA, stops at once
+    scheduler = build_scheduler(plain)
+    scheduler.set_search_properties(plain.search.metric, plain.search.resolved_mode)
+    for name, value in (("a", 1.0), ("late", 99.0)):
+        scheduler.on_trial_add(None, SimpleNamespace(trial_id=name))
+        last = scheduler.on_trial_result(
+            None, SimpleNamespace(trial_id=name), {"pose_error": value, "samples_seen": rung}
+        )
+    assert last == TrialScheduler.STOP
+
+
 def test_the_study_is_read_back_from_tunes_saved_searcher_state_without_importing_torch(tmp_path):
     """The end of every search reads the study from the searcher state Tune saved; reading it
     must not import the training code (torch and torchvision were seconds of every search's end)."""

@@ -265,7 +265,14 @@ def describe_plan(space: SearchSpace, base: Config, plan: ResourcePlan | None) -
         (
             f"ASHA on samples seen: budget {s.asha.max_samples:,}, rungs at "
             + ", ".join(f"{rung:,.0f}" for rung in s.asha.rungs())
-            + f" (reduction factor {s.asha.reduction_factor:g})"
+            + f" (reduction factor {s.asha.reduction_factor:g}"
+            + (f", {s.asha.brackets} brackets" if s.asha.brackets > 1 else "")
+            + (
+                f"; a rung stops trials once it ranks {s.asha.rung_evidence} finished trials with "
+                f"Spearman >= {s.asha.rung_correlation:g})"
+                if s.asha.rung_correlation is not None
+                else ")"
+            )
             if s.scheduler == "asha"
             else f"no early stopping (fifo): every trial trains {s.asha.max_samples:,} samples"
         ),

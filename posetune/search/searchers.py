@@ -9,8 +9,10 @@ finished trial with an under-trained score. ``build_search_alg`` adds the concur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -154,28 +156,92 @@ def build_search_alg(space: SearchSpace, concurrency: int) -> ResumeAwareLimiter
 
 
 class BudgetASHA(ASHAScheduler):
-    """ASHA on samples seen that lets a trial at the budget end on its own.
+    """ASHA on samples seen that lets a trial at the budget end on its own, and stops at a
+    rung only once that rung has been seen to rank trials well (when `rung_correlation` is set).
 
     Ray's ASHA stops a trial when it reports the budget (max_t), a moment before the trial
     would return. When the stop wins that race, Tune kills the trial's driver, and with it Ray
     Train's controller before it can withdraw its request to the autoscaler, which then keeps
     the trial's worker nodes up for 180 s more (Train's AUTOSCALING_REQUESTS_EXPIRE_TIME_S).
-    Every trial ends at the budget anyway (fit stops there), so nothing trains longer. Rungs
-    below are ASHA's."""
+    Every trial ends at the budget anyway (fit stops there), so nothing trains longer.
 
-    def __init__(self, *, budget: int, grace: int, reduction_factor: float):
-        super().__init__(time_attr="samples_seen", max_t=budget, grace_period=grace, reduction_factor=reduction_factor)
-        self.budget = budget
+    Rung trust: early rungs of some tasks rank configurations badly (a cosine schedule judged
+    at its peak learning rate, a warm-up), and ASHA then stops the best trials. With
+    `rung_correlation` set, a rung's STOP stands only once `evidence` trials have reached the
+    budget and their values at that rung rank their final values with at least that Spearman
+    correlation; until then, and while it ranks worse, trials pass it (their values still set
+    its cut-off). Below the budget the rungs and cut-offs are Ray's."""
+
+    def __init__(
+        self,
+        *,
+        budget: int,
+        grace: int,
+        reduction_factor: float,
+        brackets: int = 1,
+        rung_correlation: float | None = None,
+        evidence: int = 5,
+    ):
+        super().__init__(
+            time_attr="samples_seen",
+            max_t=budget,
+            grace_period=grace,
+            reduction_factor=reduction_factor,
+            brackets=brackets,
+        )
+        self.budget, self.rung_correlation, self.evidence = budget, rung_correlation, evidence
+        count = int(math.log(budget / grace) / math.log(reduction_factor) + 1e-9) + 1
+        self.rungs = [grace * reduction_factor**k for k in range(count) if grace * reduction_factor**k < budget]
+        self.at_rung: dict[float, dict[str, float]] = {rung: {} for rung in self.rungs}
+        self.final: dict[str, float] = {}
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if result.get("samples_seen", 0) >= self.budget:
+        samples, value = result.get("samples_seen", 0), result.get(self._metric)
+        if samples >= self.budget:
+            if value is not None and math.isfinite(value):
+                self.final[trial.trial_id] = value
             return TrialScheduler.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
+        crossed = [r for r in self.rungs if samples >= r and trial.trial_id not in self.at_rung[r]]
+        for rung in crossed:
+            self.at_rung[rung][trial.trial_id] = math.nan if value is None else value
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and crossed and not self.trusted(crossed[-1]):
+            return TrialScheduler.CONTINUE
+        return decision
+
+    def trusted(self, rung: float) -> bool:
+        """Whether a STOP at `rung` stands: always without a rung_correlation, else once the
+        rung's values rank the finished trials' final values well enough."""
+        if self.rung_correlation is None:
+            return True
+        correlation = rung_rank_correlation(self.at_rung[rung], self.final, self.evidence)
+        return correlation is not None and correlation >= self.rung_correlation
+
+
+def rung_rank_correlation(at_rung: dict[str, float], final: dict[str, float], evidence: int) -> float | None:
+    """Spearman correlation of the trials' values at a rung with their final values, over the
+    trials that have both (finite); None with fewer than `evidence` of them, or no spread."""
+    from scipy.stats import rankdata  # here: the trial driver imports this module, not scipy
+
+    pairs = [(at_rung[t], final[t]) for t in final if t in at_rung and math.isfinite(at_rung[t])]
+    if len(pairs) < evidence:
+        return None
+    ranks = rankdata(np.array(pairs), axis=0)
+    if ranks[:, 0].std() == 0 or ranks[:, 1].std() == 0:
+        return None
+    return float(np.corrcoef(ranks[:, 0], ranks[:, 1])[0, 1])
 
 
 def _asha(space: SearchSpace) -> TrialScheduler:
     asha = space.search.asha
-    return BudgetASHA(budget=asha.max_samples, grace=asha.grace_samples, reduction_factor=asha.reduction_factor)
+    return BudgetASHA(
+        budget=asha.max_samples,
+        grace=asha.grace_samples,
+        reduction_factor=asha.reduction_factor,
+        brackets=asha.brackets,
+        rung_correlation=asha.rung_correlation,
+        evidence=asha.rung_evidence,
+    )
 
 
 # search.scheduler: names are posetune.choices.SCHEDULERS (a test keeps the two equal).

@@ -88,6 +88,12 @@ class Asha(_Strict):
     max_samples: int = Field(gt=0)  # budget of a trial that is never stopped
     grace_samples: int = Field(gt=0)  # no trial is stopped before this
     reduction_factor: float = Field(3.0, gt=1)
+    brackets: int = Field(1, gt=0)  # Ray's ASHA brackets: bracket k's first rung is grace x factor^k
+    # Stop at a rung only once its values have ranked the final values of `rung_evidence`
+    # trials that trained their whole budget with a Spearman correlation of at least this
+    # (null: always, as Ray's ASHA). A rung that ranks badly never stops a trial.
+    rung_correlation: float | None = Field(None, ge=-1, le=1)
+    rung_evidence: int = Field(5, ge=3)
 
     def rungs(self) -> list[float]:
         """Where ASHA judges trials: grace x factor^k up to max_samples (as Ray's ASHA)."""
