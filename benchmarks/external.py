@@ -253,15 +253,16 @@ STRATEGIES: dict[str, tuple[dict[str, Any], str | None]] = {
     "tpe_asha_complete": ({}, "stock"),  # Ray's stock OptunaSearch: a stopped trial told COMPLETE
     # first rung at 1/5 of default.yaml's 3.6M-sample budget, not 1/15: an ablation for poorly ranking rungs
     "posetune_late_grace": ({"asha": {"grace_samples": 720000}}, None),
-    "posetune_brackets": ({"asha": {"brackets": 3}}, None),  # Ray's ASHA brackets: a Hyperband-style hedge
-    "posetune_gated": ({"asha": {"rung_correlation": 0.5}}, None),  # stop only at rungs seen to rank well
-    "posetune_gated7": ({"asha": {"rung_correlation": 0.7}}, None),
-    "posetune_gated_e8": ({"asha": {"rung_correlation": 0.5, "rung_evidence": 8}}, None),
-    "posetune_gated_brackets": ({"asha": {"rung_correlation": 0.5, "brackets": 3}}, None),
+    # the default before rung trust and brackets (default.yaml's asha section): Ray's ASHA as it is
+    "posetune_plain_asha": ({"asha": {"rung_correlation": None, "brackets": 1}}, None),
+    "posetune_brackets": ({"asha": {"rung_correlation": None}}, None),  # brackets alone
+    "posetune_gated": ({"asha": {"brackets": 1}}, None),  # rung trust alone (Spearman 0.5)
+    "posetune_gated7": ({"asha": {"rung_correlation": 0.7, "brackets": 1}}, None),
+    "posetune_gated_e8": ({"asha": {"rung_evidence": 8, "brackets": 1}}, None),
 }
 # Tables have no curves, so ASHA never stops a trial there: the scheduler ablations are left out.
 TABLE_STRATEGIES = ["random", "optuna_tpe", "posetune", "posetune_startup10", "posetune_univariate"]
-MF_STRATEGIES = ["random", "optuna_tpe", "posetune", "posetune_fifo", "random_asha"]
+MF_STRATEGIES = ["random", "optuna_tpe", "posetune", "posetune_fifo", "posetune_plain_asha", "random_asha"]
 
 
 def strategies_for(task: TableTask | HartmannTask) -> list[str]:

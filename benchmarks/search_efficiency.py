@@ -236,8 +236,11 @@ STRATEGIES: dict[str, tuple[list[str], str | None]] = {
 }
 # Candidate changes to the default search, measured with --strategies (the README says which won).
 CANDIDATES: dict[str, tuple[list[str], str | None]] = {
-    "posetune_gated": (["search.asha.rung_correlation=0.5"], None),  # stop only at rungs seen to rank well
-    "posetune_brackets": (["search.asha.brackets=3"], None),  # Ray's ASHA brackets, a Hyperband-style hedge
+    # the default before rung trust and brackets: Ray's ASHA as it is
+    "posetune_plain_asha": (["search.asha.rung_correlation=null", "search.asha.brackets=1"], None),
+    "posetune_gated": (["search.asha.rung_correlation=0.5", "search.asha.brackets=1"], None),  # rung trust alone
+    "posetune_gated7": (["search.asha.rung_correlation=0.7", "search.asha.brackets=1"], None),
+    "posetune_brackets": (["search.asha.rung_correlation=null"], None),  # brackets alone
     "posetune_late_grace": (["search.asha.grace_samples=6144"], None),  # one rung, a third of the budget in
     "posetune_startup10": (["search.startup_trials=10"], None),  # Optuna's start-up count
     "posetune_smoothed": ([], None),  # each evaluation reported as the mean of the last 3 (not a setting yet)
@@ -369,77 +372,107 @@ def grid(full_trials: int) -> np.ndarray:
     return np.arange(STEP, full_trials + STEP / 2, STEP)
 
 
-def regret_curves(recording: Recording, strategies: list[str], seeds: int, full_trials: int, concurrency: int):
+def regret_curves(
+    recording: Recording, strategies: list[str], seeds: int, full_trials: int, concurrency: int, processes: int = 1
+) -> dict[str, np.ndarray]:
     """strategy -> (seeds, grid) regret of the incumbent (the trial with the best evaluation,
     as posetune ranks trials): its configuration's true value minus the best true value."""
-    unit = recording_budget(recording)
-    curves = {}
-    for name in strategies:
-        traces = [replay(recording, name, seed, full_trials * unit, concurrency) for seed in range(seeds)]
-        curves[name] = np.array([[t.score_at(b * unit) - recording.optimum for b in grid(full_trials)] for t in traces])
-    return curves
+    jobs = [(name, seed, full_trials, concurrency) for name in strategies for seed in range(seeds)]
+    if processes > 1:
+        with concurrent.futures.ProcessPoolExecutor(processes, initializer=_use, initargs=(recording,)) as pool:
+            rows = list(pool.map(_regret_row, jobs, chunksize=8))
+    else:
+        _use(recording)
+        rows = [_regret_row(job) for job in jobs]
+    return {name: np.array(rows[i * seeds : (i + 1) * seeds]) for i, name in enumerate(strategies)}
 
 
-def budget_to_reach(curve: np.ndarray, target: float, budgets: np.ndarray) -> float:
-    """The first budget at which the median over seeds is at or below `target` (inf: never)."""
-    reached = np.nonzero(np.median(curve, axis=0) <= target)[0]
+_RECORDING: Recording | None = None  # the recording a worker process replays over (set once per process)
+
+
+def _use(recording: Recording) -> None:
+    global _RECORDING
+    _RECORDING = recording
+
+
+def _regret_row(job: tuple[str, int, int, int]) -> list[float]:
+    name, seed, full_trials, concurrency = job
+    unit = recording_budget(_RECORDING)
+    trace = replay(_RECORDING, name, seed, full_trials * unit, concurrency)
+    return [trace.score_at(b * unit) - _RECORDING.optimum for b in grid(full_trials)]
+
+
+def budget_to_reach(curve: np.ndarray, target: float, budgets: np.ndarray, statistic=np.median) -> float:
+    """The first budget at which the statistic over seeds is at or below `target` (inf: never)."""
+    reached = np.nonzero(statistic(curve, axis=0) <= target)[0]
     return float(budgets[reached[0]]) if len(reached) else math.inf
 
 
 def budget_ratios(curves: dict[str, np.ndarray], budgets: np.ndarray) -> dict[str, dict]:
     """Each strategy's budget to reach random search's median regret at TARGET_TRIALS full
-    trials, as a fraction of TARGET_TRIALS, with its 95% interval (seeds resampled together)."""
+    trials, as a fraction of TARGET_TRIALS, with its 95% interval (seeds resampled together);
+    the same for the mean regret (`mean_ratio`), which has no plateaus: a median over a few
+    dozen distinct regrets stays flat for a while, so random reaches its own value at 16
+    early as well."""
     column = int(np.searchsorted(budgets, TARGET_TRIALS))
-    target = float(np.median(curves["random"][:, column]))
     idx = resamples(len(curves["random"]))
-    ratios = {}
-    for name, curve in curves.items():
-        boot = [
-            budget_to_reach(curve[i], float(np.median(curves["random"][i, column])), budgets) / TARGET_TRIALS
-            for i in idx
-        ]
-        ratio = budget_to_reach(curve, target, budgets) / TARGET_TRIALS
-        ratios[name] = {"ratio": ratio, "interval": np.percentile(boot, [2.5, 97.5]).tolist()}
-    return {"target_regret": target, "strategies": ratios}
+    figures: dict[str, dict] = {name: {} for name in curves}
+    targets = {}
+    for key, statistic in (("ratio", np.median), ("mean_ratio", np.mean)):
+        targets[key] = float(statistic(curves["random"][:, column]))
+        random_at = [float(statistic(curves["random"][i, column])) for i in idx]  # per resample
+        for name, curve in curves.items():
+            boot = [budget_to_reach(curve[i], t, budgets, statistic) for i, t in zip(idx, random_at, strict=True)]
+            figures[name][key] = budget_to_reach(curve, targets[key], budgets, statistic) / TARGET_TRIALS
+            bounds = np.percentile(boot, [2.5, 97.5], method="nearest") / TARGET_TRIALS  # inf: not reached
+            figures[name][f"{key}_interval"] = bounds.tolist()
+    return {"target_regret": targets["ratio"], "target_mean_regret": targets["mean_ratio"], "strategies": figures}
 
 
 def over_configurations(recording: Recording, strategies: list[str], tables: int, seeds: int, args) -> dict:
-    """The budget ratios again on `tables` bootstrap resamples of the configurations: how much
-    the result depends on which 64 configurations happened to be recorded."""
+    """Each strategy against random search again on `tables` bootstrap resamples of the
+    configurations: its mean regret minus random's at each reported budget, per resample (how
+    much the result depends on which 64 configurations happened to be recorded)."""
     rng = np.random.default_rng(1)
-    ratios: dict[str, list[float]] = {name: [] for name in strategies}
+    budgets = grid(args.trials)
+    marks = [m for m in MARKS if m <= args.trials]
+    columns = [int(np.searchsorted(budgets, m)) for m in marks]
+    differences: dict[str, list[np.ndarray]] = {name: [] for name in strategies if name != "random"}
     for _ in range(tables):
-        table = recording.resampled(rng)
-        curves = regret_curves(table, strategies, seeds, args.trials, args.concurrency)
-        for name, figures in budget_ratios(curves, grid(args.trials))["strategies"].items():
-            ratios[name].append(figures["ratio"])
-    return {
-        "tables": tables,
-        "seeds": seeds,
-        "strategies": {
-            name: {
-                "median_ratio": float(np.median(values)),
-                "interval": np.percentile(values, [2.5, 97.5]).tolist(),
-                "share_at_most_half": float(np.mean(np.array(values) <= 0.5)),
+        curves = regret_curves(
+            recording.resampled(rng), strategies, seeds, args.trials, args.concurrency, args.processes
+        )
+        for name in differences:
+            differences[name].append(curves[name][:, columns].mean(axis=0) - curves["random"][:, columns].mean(axis=0))
+    summary = {}
+    for name, rows in differences.items():
+        rows = np.array(rows)  # (tables, marks)
+        summary[name] = {
+            str(m): {
+                "median": float(np.median(rows[:, k])),
+                "range": np.percentile(rows[:, k], [2.5, 97.5]).tolist(),
+                "share_ahead": float(np.mean(rows[:, k] < 0)),
             }
-            for name, values in ratios.items()
-        },
-    }
+            for k, m in enumerate(marks)
+        }
+    return {"tables": tables, "seeds": seeds, "mean_regret_minus_random": summary}
 
 
 PLANTED_AT = 4  # full trials: where the good band must be ahead (by 16 random may find the best too)
 
 
 def planted_checks(curves: dict[str, np.ndarray], budgets: np.ndarray) -> dict[str, dict]:
-    """Whether each planted effect shows: half cost needs 0.4-0.6x of random's budget to reach
-    random's regret at TARGET_TRIALS; the good band's mean regret at PLANTED_AT full trials is
-    below random's, its paired 95% interval below 0 (means: medians of a few dozen distinct
-    regrets are often equal)."""
-    half = budget_ratios(curves, budgets)["strategies"]["random_half_cost"]["ratio"]
+    """Whether each planted effect shows: half cost needs 0.4-0.6x of the budget random needs
+    to reach random's median regret at TARGET_TRIALS (random's own budget, not TARGET_TRIALS:
+    its median curve may reach that value early and stay flat); the good band's mean regret at
+    PLANTED_AT full trials is below random's, its paired 95% interval below 0 (means: medians
+    of a few dozen distinct regrets are often equal)."""
+    ratios = budget_ratios(curves, budgets)["strategies"]
+    half = ratios["random_half_cost"]["ratio"] / ratios["random"]["ratio"]
     column = [int(np.searchsorted(budgets, PLANTED_AT))]
     good = paired(curves["random_good_lr"][:, column], curves["random"][:, column], np.mean)[0]
     return {
-        "random_half_cost": {"ratio": half, "ok": 0.4 <= half <= 0.6},
+        "random_half_cost": {"budget_over_randoms": half, "ok": 0.4 <= half <= 0.6},
         "random_good_lr": {f"mean_regret_minus_random_at_{PLANTED_AT}": good, "ok": good[1] < 0},
     }
 
@@ -451,7 +484,7 @@ def replay_all(args: argparse.Namespace) -> None:
     recording = Recording(json.loads(RECORDING.read_text()), space)
     strategies = ["random", *[s for s in args.strategies if s != "random"]]
     start = time.perf_counter()
-    curves = regret_curves(recording, strategies, args.seeds, args.trials, args.concurrency)
+    curves = regret_curves(recording, strategies, args.seeds, args.trials, args.concurrency, args.processes)
     print(f"{len(strategies)} strategies x {args.seeds} seeds in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     budgets = grid(args.trials)
     marks = [m for m in MARKS if m <= args.trials]
@@ -564,8 +597,10 @@ def markdown(figures: dict) -> str:
         f"median(random) (negative: ahead). {figures['concurrency']} trials at a time, "
         f"{figures['configs_recorded']} configurations, {figures['runs_recorded']} recorded runs.",
         "",
-        "| strategy | " + " | ".join(map(str, marks)) + " | budget to random's regret at 16 (x 16) |",
-        "| --- |" + " ---: |" * (len(marks) + 1),
+        "| strategy | "
+        + " | ".join(map(str, marks))
+        + " | budget to random's median regret at 16 (x 16) | same, mean regret |",
+        "| --- |" + " ---: |" * (len(marks) + 2),
     ]
     ratios = figures["budget_to_random_at_16"]["strategies"]
     for name, f in figures["strategies"].items():
@@ -577,21 +612,27 @@ def markdown(figures: dict) -> str:
                 cell += f" [{low:+.3f}, {high:+.3f}]"
             cells.append(cell)
         r = ratios[name]
-        cells.append(f"{r['ratio']:.2f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]")
+        for key in ("ratio", "mean_ratio"):
+            low, high = r[f"{key}_interval"]
+            cells.append(f"{r[key]:.2f} [{low:.2f}, {high:.2f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "over_configurations" in figures:
         o = figures["over_configurations"]
         lines += [
             "",
-            f"Over {o['tables']} bootstrap resamples of the configurations ({o['seeds']} seeds each), the "
-            "budget ratio's median, 95% range and share of resamples at or under 0.5:",
+            f"Over {o['tables']} bootstrap resamples of the configurations ({o['seeds']} seeds each): mean "
+            "regret minus random's, its median over the resamples, 95% range, and the share of resamples "
+            "in which the strategy is ahead:",
             "",
+            "| strategy | " + " | ".join(map(str, marks)) + " |",
+            "| --- |" + " ---: |" * len(marks),
         ]
-        lines += [
-            f"- {name}: {s['median_ratio']:.2f} [{s['interval'][0]:.2f}, {s['interval'][1]:.2f}], "
-            f"{s['share_at_most_half']:.0%}"
-            for name, s in o["strategies"].items()
-        ]
+        for name, by_mark in o["mean_regret_minus_random"].items():
+            cells = [
+                f"{c['median']:+.3f} [{c['range'][0]:+.2f}, {c['range'][1]:+.2f}] {c['share_ahead']:.0%}"
+                for c in by_mark.values()
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Planted checks (if one fails the benchmark is broken):", ""] if figures["planted"] else []
     for name, check in figures["planted"].items():
         shown = {k: v for k, v in check.items() if k != "ok"}
@@ -696,9 +737,10 @@ def main() -> None:
     rep.add_argument(
         "--strategies",
         type=lambda text: text.split(","),
-        default=[*STRATEGIES, *PLANTED],
-        help=f"comma-separated, of: {', '.join(every)} (default: all but the candidates)",
+        default=every,
+        help=f"comma-separated, of: {', '.join(every)} (default: all)",
     )
+    rep.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     rep.add_argument("--results", default=str(RESULTS), help="folder for the figures (default: benchmarks/results)")
     chk = commands.add_parser("check", help="one real search for posetune and random, against their replays")
     chk.add_argument("--seeds", type=int, default=200)

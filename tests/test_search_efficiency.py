@@ -63,14 +63,15 @@ def test_a_sampled_configuration_trains_as_the_nearest_recorded_one(bench, recor
     assert recording.nearest(other_batch)["params"]["train.batch_size"] == other_batch["train.batch_size"]
 
 
-@pytest.mark.parametrize("strategy", ["posetune", "random", "tpe_asha_complete"])
+@pytest.mark.parametrize("strategy", ["posetune", "random", "tpe_asha_complete", "posetune_plain_asha"])
 def test_replay_spends_its_budget_as_tune_would(bench, recording, strategy):
+    """12 full trials: enough for the 5 finished trials the file's rung trust needs first."""
     unit = bench.recording_budget(recording)
-    budget = 6 * unit
+    budget = 12 * unit
     trace = bench.replay(recording, strategy, seed=0, budget=budget, concurrency=2)
     assert budget <= trace.spent[-1] < budget + unit and trace.spent == sorted(trace.spent)
     assert trace.best == sorted(trace.best, reverse=True) and math.isfinite(trace.best[-1])
-    settings, searcher = bench.STRATEGIES[strategy]
+    settings, searcher = (bench.STRATEGIES | bench.CANDIDATES)[strategy]
     scheduler = "fifo" if "search.scheduler=fifo" in settings else "asha"
     told = "complete" if searcher == "stock" else "pruned"
     finished = [samples for samples in trace.ended if samples == unit]
@@ -80,6 +81,12 @@ def test_replay_spends_its_budget_as_tune_would(bench, recording, strategy):
     else:  # ASHA stops at its rungs (2,048 and 6,144 samples), a diverged trial where it diverged
         assert stopped and set(stopped) <= {2048, 6144, 3500}
         assert trace.trials > budget // unit  # early stopping bought more trials
+        first_stop = next(i for i, samples in enumerate(trace.ended) if samples in (2048, 6144))
+        finished_before = trace.ended[:first_stop].count(unit)
+        if "search.asha.rung_correlation=null" in settings:  # Ray's ASHA: stops before anything finished
+            assert finished_before == 0
+        else:  # rung trust: a rung stops trials once 5 finished trials showed it ranks them well
+            assert finished_before >= 5
     # How stopped trials are told to Optuna: posetune's choice (pruned) or Ray's stock one.
     if told == "pruned":
         assert trace.told.get("PRUNED", 0) == len(stopped) and trace.told.get("COMPLETE", 0) == len(finished)
@@ -121,7 +128,7 @@ def test_the_replay_command_writes_its_figures_with_versions_and_planted_checks(
     subprocess.run(command, check=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     figures = json.loads((tmp_path / "search_efficiency.json").read_text())
     assert {"ray", "optuna", "torch"} <= set(figures["versions"]) and figures["recording_versions"]
-    assert set(figures["strategies"]) == set(bench.STRATEGIES) | set(bench.PLANTED)
+    assert set(figures["strategies"]) == set(bench.STRATEGIES) | set(bench.PLANTED) | set(bench.CANDIDATES)
     assert all(check["ok"] for check in figures["planted"].values())
     assert figures["budgets"] == [2, 4, 8, 16] and figures["over_configurations"]["tables"] == 2
     assert (tmp_path / "search_efficiency.png").stat().st_size > 0 and (tmp_path / "search_efficiency.md").exists()

@@ -13,6 +13,7 @@ from posetune.search.searchers import build_searcher, list_samplers
 from posetune.search.space import load_space
 
 REAL_RANDOM_DRAW = optuna.samplers.RandomSampler.sample_independent  # counted, still drawn
+PLAIN_ASHA = ["search.asha.rung_correlation=null", "search.asha.brackets=1"]  # Ray's ASHA, one bracket
 
 
 def run_searcher(space, trials: int) -> list[dict]:
@@ -64,7 +65,7 @@ def test_a_diverged_trial_leaves_ashas_cut_off_to_the_trials_that_trained():
     from posetune.choices import diverged_result
     from posetune.search.searchers import build_scheduler
 
-    space, _ = load_space("search_spaces/quick.yaml")
+    space, _ = load_space("search_spaces/quick.yaml", PLAIN_ASHA)
     rung = space.search.asha.grace_samples
     scheduler = build_scheduler(space)
     scheduler.set_search_properties(space.search.metric, space.search.resolved_mode)  # as Tune does
@@ -141,7 +142,7 @@ def test_asha_lets_a_trial_at_the_budget_end_on_its_own():
 
     from posetune.search.searchers import build_scheduler
 
-    space, _ = load_space("search_spaces/quick.yaml")
+    space, _ = load_space("search_spaces/quick.yaml", PLAIN_ASHA)
     asha = space.search.asha
     stock = ASHAScheduler(
         time_attr="samples_seen",
@@ -175,9 +176,8 @@ def test_a_rung_stops_trials_only_once_it_has_ranked_finished_trials_well():
 
     from posetune.search.searchers import build_scheduler
 
-    space, _ = load_space(
-        "search_spaces/quick.yaml", ["search.asha.rung_correlation=0.5", "search.asha.rung_evidence=3"]
-    )
+    gated = ["search.asha.rung_correlation=0.5", "search.asha.rung_evidence=3", "search.asha.brackets=1"]
+    space, _ = load_space("search_spaces/quick.yaml", gated)
     asha = space.search.asha
     rung, budget = asha.grace_samples, asha.max_samples
 
@@ -205,7 +205,7 @@ def test_a_rung_stops_trials_only_once_it_has_ranked_finished_trials_well():
     assert decision(scheduler_after(ranks_well[:2])) == TrialScheduler.CONTINUE  # too little evidence yet
     assert decision(scheduler_after(ranks_badly)) == TrialScheduler.CONTINUE  # Spearman -1
     assert decision(scheduler_after(ranks_well)) == TrialScheduler.STOP  # Spearman 1: ASHA's cut-off stands
-    plain, _ = load_space("search_spaces/quick.yaml")  # without rung_correlation: Ray's ASHA, stops at once
+    plain, _ = load_space("search_spaces/quick.yaml", PLAIN_ASHA)  # Ray's ASHA: stops at once
     scheduler = build_scheduler(plain)
     scheduler.set_search_properties(plain.search.metric, plain.search.resolved_mode)
     for name, value in (("a", 1.0), ("late", 99.0)):

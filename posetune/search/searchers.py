@@ -35,7 +35,12 @@ SAMPLERS: dict[str, Callable[[SearchSettings], optuna.samplers.BaseSampler]] = {
     ),
     "qmc": lambda s: optuna.samplers.QMCSampler(seed=s.seed, warn_independent_sampling=False),
     "random": lambda s: optuna.samplers.RandomSampler(seed=s.seed),
-    "tpe": lambda s: optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.resolved_startup_trials),
+    # Multivariate TPE with the constant liar, set here rather than taken from the installed
+    # Optuna (5.0 turned both on, 4.x had them off): univariate TPE was behind on every public
+    # table (benchmarks/README.md, posetune_univariate).
+    "tpe": lambda s: optuna.samplers.TPESampler(
+        seed=s.seed, n_startup_trials=s.resolved_startup_trials, multivariate=True, constant_liar=True
+    ),
 }
 
 
