@@ -228,7 +228,7 @@ def versions() -> dict[str, str]:
 
 # name -> (search-file settings over benchmarks/search_efficiency.yaml's, the searcher instead of posetune's)
 STRATEGIES: dict[str, tuple[list[str], str | None]] = {
-    "posetune": ([], None),  # the benchmark file's search: TPE + ASHA, stopped trials told as pruned
+    "posetune": ([], None),  # the file's search (quick.yaml's settings): TPE + ASHA with rung trust and 3 brackets
     "random": (["search.searcher=random", "search.scheduler=fifo"], None),  # a plain sweep
     "tpe": (["search.scheduler=fifo"], None),
     "random_asha": (["search.searcher=random"], None),
