@@ -216,6 +216,31 @@ def test_a_rung_stops_trials_only_once_it_has_ranked_finished_trials_well():
     assert last == TrialScheduler.STOP
 
 
+def test_a_scheduler_pickled_before_rung_trust_still_judges_trials():
+    """Tune restores the scheduler it pickled when the search started (tuner.pkl): one from an
+    earlier posetune has none of rung trust's attributes, and must stay Ray's ASHA."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from posetune.search.searchers import build_scheduler
+
+    space, _ = load_space("search_spaces/quick.yaml", PLAIN_ASHA)
+    scheduler = build_scheduler(space)
+    scheduler.set_search_properties(space.search.metric, space.search.resolved_mode)
+    for name in ("rung_correlation", "evidence", "rungs", "at_rung", "final"):  # as an earlier version pickled it
+        del scheduler.__dict__[name]
+    restored = pickle.loads(pickle.dumps(scheduler))
+    rung = space.search.asha.grace_samples
+    decisions = []
+    for name, value in (("a", 1.0), ("b", 99.0)):
+        trial = SimpleNamespace(trial_id=name)
+        restored.on_trial_add(None, trial)
+        decisions.append(restored.on_trial_result(None, trial, {"pose_error": value, "samples_seen": rung}))
+    assert decisions == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+
+
 def test_the_study_is_read_back_from_tunes_saved_searcher_state_without_importing_torch(tmp_path):
     """The end of every search reads the study from the searcher state Tune saved; reading it
     must not import the training code (torch and torchvision were seconds of every search's end)."""

@@ -234,18 +234,22 @@ def ensure_dataset(space: SearchSpace, cfg: Config) -> int:
     return len(index.head(cfg.train.sample_size))
 
 
+# search.asha keys added after searches were saved: they count only when set away from their
+# defaults, so a search saved before them still resumes (its fingerprint is unchanged).
+ASHA_KEYS_ADDED_LATER = ("brackets", "rung_correlation", "rung_evidence")
+
+
 def _fingerprint(space: SearchSpace, base: Config) -> str:
-    blob = json.dumps(
-        {
-            # Where results go, what compute costs and which node types the cluster may start may
-            # change between runs of one search (and searches saved before those keys resume).
-            "space": space.model_dump(
-                mode="json", exclude={"storage": True, "resources": {"prices", "node_types", "max_workers"}}
-            ),
-            "base": base.to_dict(),
-        },
-        sort_keys=True,
+    # Where results go, what compute costs and which node types the cluster may start may
+    # change between runs of one search (and searches saved before those keys resume).
+    dumped = space.model_dump(
+        mode="json", exclude={"storage": True, "resources": {"prices", "node_types", "max_workers"}}
     )
+    asha = dumped["search"]["asha"]
+    for key in ASHA_KEYS_ADDED_LATER:
+        if asha[key] == type(space.search.asha).model_fields[key].default:
+            del asha[key]
+    blob = json.dumps({"space": dumped, "base": base.to_dict()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

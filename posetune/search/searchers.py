@@ -200,6 +200,12 @@ class BudgetASHA(ASHAScheduler):
         self.at_rung: dict[float, dict[str, float]] = {rung: {} for rung in self.rungs}
         self.final: dict[str, float] = {}
 
+    def __setstate__(self, state: dict) -> None:
+        """A resumed search restores the scheduler Tune pickled when it started; one pickled by
+        an earlier posetune had Ray's ASHA only, and no rung-trust state."""
+        self.__dict__.update({"rung_correlation": None, "evidence": 5, "rungs": [], "at_rung": {}, "final": {}})
+        self.__dict__.update(state)
+
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         samples, value = result.get("samples_seen", 0), result.get(self._metric)
         if samples >= self.budget:
