@@ -199,6 +199,8 @@ class BudgetASHA(ASHAScheduler):
         self.rungs = [grace * reduction_factor**k for k in range(count) if grace * reduction_factor**k < budget]
         self.at_rung: dict[float, dict[str, float]] = {rung: {} for rung in self.rungs}
         self.final: dict[str, float] = {}
+        if rung_correlation is not None:  # scipy takes 0.8 s to import: now, not inside Tune's result loop
+            import scipy.stats  # noqa: F401
 
     def __setstate__(self, state: dict) -> None:
         """A resumed search restores the scheduler Tune pickled when it started; one pickled by
@@ -232,7 +234,7 @@ class BudgetASHA(ASHAScheduler):
 def rung_rank_correlation(at_rung: dict[str, float], final: dict[str, float], evidence: int) -> float | None:
     """Spearman correlation of the trials' values at a rung with their final values, over the
     trials that have both (finite); None with fewer than `evidence` of them, or no spread."""
-    from scipy.stats import rankdata  # here: 0.8 s to import, and only rung trust needs it
+    from scipy.stats import rankdata  # only rung trust needs scipy (imported when the scheduler is built)
 
     pairs = [(at_rung[t], final[t]) for t in final if t in at_rung and math.isfinite(at_rung[t])]
     if len(pairs) < evidence:
