@@ -461,13 +461,12 @@ def over_configurations(recording: Recording, strategies: list[str], tables: int
 PLANTED_AT = 4  # full trials: where the good band must be ahead (by 16 random may find the best too)
 
 
-def planted_checks(curves: dict[str, np.ndarray], budgets: np.ndarray) -> dict[str, dict]:
+def planted_checks(curves: dict[str, np.ndarray], budgets: np.ndarray, ratios: dict[str, dict]) -> dict[str, dict]:
     """Whether each planted effect shows: half cost needs 0.4-0.6x of the budget random needs
     to reach random's median regret at TARGET_TRIALS (random's own budget, not TARGET_TRIALS:
     its median curve may reach that value early and stay flat); the good band's mean regret at
     PLANTED_AT full trials is below random's, its paired 95% interval below 0 (means: medians
-    of a few dozen distinct regrets are often equal)."""
-    ratios = budget_ratios(curves, budgets)["strategies"]
+    of a few dozen distinct regrets are often equal). `ratios`: budget_ratios(...)["strategies"]."""
     half = ratios["random_half_cost"]["ratio"] / ratios["random"]["ratio"]
     column = [int(np.searchsorted(budgets, PLANTED_AT))]
     good = paired(curves["random_good_lr"][:, column], curves["random"][:, column], np.mean)[0]
@@ -517,7 +516,7 @@ def replay_all(args: argparse.Namespace) -> None:
         },
         "paired_vs_random": paired_vs_random,
         "budget_to_random_at_16": ratios,
-        "planted": planted_checks(curves, budgets) if set(PLANTED) <= set(curves) else {},
+        "planted": planted_checks(curves, budgets, ratios["strategies"]) if set(PLANTED) <= set(curves) else {},
         "diagnostics": diagnostics(recording, [int(rung) for rung in space.search.asha.rungs()]),
     }
     if args.tables:

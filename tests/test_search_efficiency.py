@@ -110,11 +110,13 @@ def test_planted_checks_pass_and_a_harness_that_miscounts_cost_fails_them(bench,
     strategies = ["random", *bench.PLANTED]
     curves = bench.regret_curves(recording, strategies, seeds=30, full_trials=16, concurrency=2)
     budgets = bench.grid(16)
-    checks = bench.planted_checks(curves, budgets)
+    ratios = bench.budget_ratios(curves, budgets)["strategies"]
+    checks = bench.planted_checks(curves, budgets, ratios)
     assert all(check["ok"] for check in checks.values()), checks
-    assert bench.budget_ratios(curves, budgets)["strategies"]["random"]["ratio"] <= 1.0
+    assert ratios["random"]["ratio"] <= 1.0
     # A harness that forgot the half cost, or a band that is no better: random again under their names.
-    broken = bench.planted_checks(curves | dict.fromkeys(bench.PLANTED, curves["random"]), budgets)
+    broken_curves = curves | dict.fromkeys(bench.PLANTED, curves["random"])
+    broken = bench.planted_checks(broken_curves, budgets, bench.budget_ratios(broken_curves, budgets)["strategies"])
     assert not any(check["ok"] for check in broken.values()), broken
 
 

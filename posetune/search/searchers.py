@@ -21,7 +21,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from posetune import internals
 from posetune.choices import DIVERGED_SCORE
-from posetune.search.space import DefineByRun, SearchSettings, SearchSpace
+from posetune.search.space import Asha, DefineByRun, SearchSettings, SearchSpace
 
 # search.searcher: the Optuna sampler, made from the search's settings. Its names are
 # posetune.choices.SEARCHERS (a test keeps the two equal). Model-based samplers start with
@@ -195,8 +195,8 @@ class BudgetASHA(ASHAScheduler):
             brackets=brackets,
         )
         self.budget, self.rung_correlation, self.evidence = budget, rung_correlation, evidence
-        count = int(math.log(budget / grace) / math.log(reduction_factor) + 1e-9) + 1
-        self.rungs = [grace * reduction_factor**k for k in range(count) if grace * reduction_factor**k < budget]
+        rungs = Asha(max_samples=budget, grace_samples=grace, reduction_factor=reduction_factor).rungs()
+        self.rungs = [rung for rung in rungs if rung < budget]  # a trial at the budget is never stopped
         self.at_rung: dict[float, dict[str, float]] = {rung: {} for rung in self.rungs}
         self.final: dict[str, float] = {}
         if rung_correlation is not None:  # scipy takes 0.8 s to import: now, not inside Tune's result loop
