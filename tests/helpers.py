@@ -139,7 +139,9 @@ class FaultyGCS:
       the object's real CRC32C in x-goog-hash;
     - `pin_generations` answers ?generation=G as GCS does when G is no longer the object's
       generation (404): the emulator ignores the parameter;
-    - `media_delay_s` holds each media download that long (so that parallel ones overlap).
+    - `media_delay_s` holds each media download that long (so that parallel ones overlap);
+    - `hold(method, path)`, when set and true, holds the request until `release` is set and then
+      answers 503 (an upload cut off mid-way); `held` lists the paths it held.
     `requests` records (method, path) of everything it received, `max_in_flight` the most
     requests it served at once."""
 
@@ -155,6 +157,9 @@ class FaultyGCS:
         self.corrupt: str | None = None
         self.pin_generations = False
         self.media_delay_s = 0.0
+        self.hold = None
+        self.held: list[str] = []
+        self.release = threading.Event()
         self.requests: list[tuple[str, str]] = []
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -179,6 +184,10 @@ class FaultyGCS:
                     time.sleep(proxy.media_delay_s)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status = proxy._planned_failure(self.path)
+                if proxy.hold and proxy.hold(self.command, self.path):
+                    proxy.held.append(self.path)
+                    proxy.release.wait()
+                    status = 503
                 if status is None and proxy.pin_generations:
                     status = proxy._stale_generation(self.path)
                 if status is not None:
@@ -243,6 +252,7 @@ class FaultyGCS:
         return None if current == asked[0] else 404
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 

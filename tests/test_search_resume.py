@@ -8,13 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from helpers import REPO, kill_ray_leftovers, ray_processes, read_results, tiny_space, wait_for
+from helpers import REPO, FaultyGCS, kill_ray_leftovers, ray_processes, read_results, tiny_space, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -259,6 +260,116 @@ def test_search_in_a_bucket_resumes_from_a_fresh_machine(gcs, bucket, synth_smal
     )
     assert evaluated.returncode == 0 and "val split: 32 samples" in evaluated.stdout, evaluated.stderr
     assert sorted(p.name for p in third.iterdir()) == ["cache"]  # only the fetched dataset
+
+
+def checkpoint_folder(name: str) -> str | None:
+    """The Ray Train checkpoint folder an object name lies in, or None."""
+    import re
+
+    folder = re.search(r"(?:^|/)(checkpoint_[^/]+)/", name)
+    return folder.group(1) if folder else None
+
+
+def test_a_worker_killed_while_its_checkpoint_uploads_resumes_from_the_last_complete_one(
+    gcs, bucket, synth_small, tmp_path
+):
+    """Reports upload checkpoints in the background (Ray Train's asynchronous mode). The
+    bucket's front holds every upload after the first checkpoint's, so training runs on past
+    reports whose checkpoints hang half-written; once Ray has registered the first one, the
+    Train worker is killed. Ray Train restarts it from that checkpoint, complete in the
+    bucket, and the reports cut off reach neither Tune nor ASHA: they are trained again."""
+    import io
+    import urllib.parse
+
+    import psutil
+    import torch
+
+    from posetune.data.tools import push_dataset
+    from posetune.search.trial import SCRATCH_PREFIX
+
+    push_dataset(str(synth_small), f"gs://{bucket}/data")
+    space = tiny_space(
+        tmp_path,
+        synth_small,
+        name="a",
+        search__num_samples=1,
+        search__asha={"max_samples": 384, "grace_samples": 384, "reduction_factor": 2},
+        search__points_to_evaluate=[],
+        storage__path=f"gs://{bucket}/searches",
+        base__overrides={
+            "dataset.root": f"gs://{bucket}/data",
+            "dataset.image_scale": "64x40",
+            "dataset.num_workers": 0,
+            "train.batch_size": 16,
+            "val.eval_every_samples": 96,
+        },
+    )
+    front = FaultyGCS(gcs.host)
+    folders: list[str] = []  # checkpoint folders in the order their uploads began
+
+    def after_the_first_checkpoint(method: str, path: str) -> bool:
+        name = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query).get("name", [""])[0]
+        folder = checkpoint_folder(name) if method == "POST" else None
+        if folder and folder not in folders:
+            folders.append(folder)
+        return folder is not None and folder != folders[0]
+
+    def registered(folder: str) -> bool:
+        """Ray Train's checkpoint manager lists the folder in its snapshot in the bucket."""
+        snapshots = [
+            n for n in gcs.names(bucket, "searches/a/train/") if n.endswith("checkpoint_manager_snapshot.json")
+        ]
+        return any(folder in gcs.client.bucket(bucket).blob(n).download_as_text() for n in snapshots)
+
+    front.hold = after_the_first_checkpoint
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": front.host, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    with open(tmp_path / "out.txt", "w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "posetune", "search", str(space)], cwd=tmp_path, stdout=out, stderr=out, env=env
+        )
+    try:
+        wait_for(lambda: front.held or driver.poll() is not None, 400, "the second checkpoint's upload")
+        wait_for(lambda: registered(folders[0]) or driver.poll() is not None, 120, "the first checkpoint registered")
+        assert driver.poll() is None, (tmp_path / "out.txt").read_text()[-3000:]
+        (worker,) = [
+            p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+        ]
+        # Training went on: the reports at 192, 288 and 384 samples were all made while the
+        # first of them was still uploading (each waits in its snapshot folder for its turn).
+        waiting = Path(tempfile.gettempdir()), f"{SCRATCH_PREFIX}{worker.pid}-report-*"
+        wait_for(lambda: len(list(waiting[0].glob(waiting[1]))) == 3, 120, "three reports waiting to upload")
+        worker.kill()
+        front.hold = None
+        front.release.set()
+        assert driver.wait(timeout=600) == 0, (tmp_path / "out.txt").read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        front.close()
+    cut_off = {checkpoint_folder(urllib.parse.unquote(path)) for path in front.held}
+
+    def read(name: str) -> bytes:
+        return gcs.client.bucket(bucket).blob(name).download_as_bytes()
+
+    (record,) = json.loads(read("searches/a/results.json"))["trials"]
+    assert (record["status"], record["samples_seen"]) == ("completed", 384)
+    (rows_name,) = [n for n in gcs.names(bucket, "searches/a/tune/") if n.endswith("/result.json")]
+    rows = [json.loads(line) for line in read(rows_name).decode().splitlines()]
+    # 96 once: the new worker resumed from the first checkpoint, not from the start.
+    assert [r["samples_seen"] for r in rows] == [96, 192, 288, 384]
+    assert rows[0]["workers_started_at"] < rows[1]["workers_started_at"]  # a new worker group
+
+    names = gcs.names(bucket, f"searches/a/train/{record['id']}/")
+    kept = {checkpoint_folder(n) for n in names} - {None}
+    assert len(kept) == 2 and not kept & cut_off  # keep_checkpoints; none of the half-written ones
+
+    def load(folder: str, file: str) -> dict:
+        data = read(f"searches/a/train/{record['id']}/{folder}/{file}")
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+    assert sorted(load(folder, "last.pt")["samples_seen"] for folder in kept) == [288, 384]
+    assert all(load(folder, "best.pt")["model"] for folder in kept)
+    assert gcs.names(bucket, "searches/a/best/model.pt") == ["searches/a/best/model.pt"]
 
 
 FLAT_LAYOUT_COMMIT = "7b443b200d278d24b9e661bcc54eb22c08e5fbc1"  # the last commit of the flat package
