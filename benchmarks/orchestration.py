@@ -24,6 +24,7 @@ Writes benchmarks/results/orchestration_before_REV.{json,md} instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -49,12 +51,16 @@ class CpuSampler:
     """CPU seconds used by each process of a run and its children, read every 0.5 s (the
     last reading of a process counts: it exits with the run). Grouped: the Ray Train worker
     (the training), posetune's own command, and the rest (Ray's raylet, GCS, dashboard, log
-    monitor, the Tune trial driver and Train's controller)."""
+    monitor, the Tune trial driver and Train's controller); the worker's also split into its
+    ``training_threads`` busiest threads (the training: torch's) and its other threads (Ray's,
+    Train's, the checkpoint upload)."""
 
-    def __init__(self, root: int):
+    def __init__(self, root: int, worker_cores: set[int] | None = None, training_threads: int = 1):
         import threading
 
-        self.root, self.seconds, self.names = root, {}, {}
+        self.root, self.seconds, self.names, self.threads = root, {}, {}, {}
+        self.training_threads = training_threads
+        self.worker_cores = worker_cores
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
@@ -74,9 +80,13 @@ class CpuSampler:
                     name = " ".join(process.cmdline())[:200]  # a Ray worker retitles itself as it takes an actor
                     if "RayTrainWorker" not in self.names.get(process.pid, ""):
                         self.names[process.pid] = name
+                    if "RayTrainWorker" in self.names[process.pid]:
+                        self.threads[process.pid] = [t.user_time + t.system_time for t in process.threads()]
+                        if self.worker_cores:
+                            pin(process, self.worker_cores)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     pass
-            self.done.wait(0.5)
+            self.done.wait(0.1 if self.worker_cores else 0.5)
 
     def stop(self) -> dict[str, float]:
         self.done.set()
@@ -86,28 +96,73 @@ class CpuSampler:
             name = self.names.get(pid, "")
             key = "train worker" if "RayTrainWorker" in name else "posetune command" if pid == self.root else None
             groups[key or "ray and tune processes"] += seconds
+        training = sum(sum(sorted(times)[-self.training_threads :]) for times in self.threads.values())
+        groups["train worker training threads"] = training
+        groups["train worker other threads"] = sum(map(sum, self.threads.values())) - training
         return {k: round(v, 1) for k, v in groups.items()}
 
 
-def run(argv: list[str], code: Path | None = None) -> tuple[float, float, dict[str, float]]:
+def pin(process, cores: set[int]) -> None:
+    """Every thread of a process onto ``cores`` (the affinity of a pid is its main thread's;
+    threads started later inherit it from the thread that starts them)."""
+    for thread in process.threads():
+        with contextlib.suppress(OSError):  # the thread ended
+            os.sched_setaffinity(thread.id, cores)
+
+
+@dataclass(frozen=True)
+class Share:
+    """Which cores a run gets: ``command`` for the posetune command and all it starts (Ray's
+    processes, Tune, the trial driver), ``worker`` for the Ray Train worker, moved there as
+    soon as it appears; ``threads`` for torch in the training process. None: all cores."""
+
+    name: str
+    threads: int
+    command: set[int] | None = None
+    worker: set[int] | None = None
+
+
+SHARED = Share("shared", threads=2)  # everything on both cores, 2 torch threads (as a user runs it)
+# The training on core 0 alone, Ray's and Tune's processes on core 1: what a node whose
+# cores Ray's processes do not take from the training gives (2 cores allow 1 for training).
+PINNED = Share("pinned", threads=1, command={1}, worker={0})
+
+
+def run(
+    argv: list[str], code: Path | None = None, share: Share = SHARED, env: dict | None = None
+) -> tuple[float, float, dict[str, float]]:
     """(wall seconds, start time, CPU seconds by group) of one `posetune` command in a fresh
     process (same imports and start-up for both); ``code``: a folder holding another version
     of the posetune package, imported instead of this checkout's."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code or ""), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(code or ""), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, **(env or {}), "PYTHONPATH": path}
+    cores = share.command
+
+    def on_its_cores() -> None:
+        if cores:
+            os.sched_setaffinity(0, cores)
+
     launched = time.time()
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "posetune", *argv], stdout=subprocess.DEVNULL, env=env)
-    sampler = CpuSampler(process.pid)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "posetune", *argv], stdout=subprocess.DEVNULL, env=env, preexec_fn=on_its_cores
+    )
+    sampler = CpuSampler(process.pid, share.worker, share.threads)
     if process.wait() != 0:
         raise SystemExit(f"posetune {' '.join(argv)} failed (exit code {process.returncode})")
     wall = time.perf_counter() - start
     return wall, launched, sampler.stop()
 
 
-def plain_run(overrides: dict, folder: Path) -> tuple[float, float, int]:
-    """(training images/s over epochs 2..N, wall seconds, samples seen) of `posetune train`."""
+def plain_run(overrides: dict, folder: Path, share: Share = SHARED) -> tuple[float, float, int]:
+    """(training images/s over epochs 2..N, wall seconds, samples seen) of `posetune train`,
+    on the worker's cores of ``share`` with its threads."""
     args = [f"{k}={v}" for k, v in {**overrides, "system.out_dir": folder}.items()]
-    wall, _, _ = run(["train", "--config", str(REPO / "configs" / "quick.yaml"), *args])
+    on_worker_cores = Share(share.name, share.threads, command=share.worker)
+    threads = {"OMP_NUM_THREADS": str(share.threads)}  # as Ray sets it for a worker of that many CPUs
+    wall, _, _ = run(
+        ["train", "--config", str(REPO / "configs" / "quick.yaml"), *args], share=on_worker_cores, env=threads
+    )
     history = json.loads((folder / "metrics.json").read_text())["history"]
     return statistics.mean(h["train_images_per_s"] for h in history[1:]), wall, history[-1]["samples_seen"]
 
@@ -129,6 +184,52 @@ def plain_beside_idle_ray(overrides: dict, folder: Path) -> tuple[float, float, 
         return plain_run(overrides, folder)
     finally:
         ray.shutdown()
+
+
+def search_joining_ray(overrides: dict, lr: float, samples: int, folder: Path) -> tuple[float, float, dict, dict]:
+    """search_run joining a Ray instance started before it and stopped after it (`ray start
+    --head`, as a `ray up` head runs one): what a trial costs once Ray is up, without Ray's own
+    start and shut-down."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray = [str(Path(sys.executable).parent / "ray")]
+    cpus = str(SHARED.threads + 1)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(
+        [*ray, "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--disable-usage-stats"], check=True, **quiet
+    )
+    try:
+        time.sleep(5)  # let the head's pre-started workers settle, as on a head that has been up a while
+        return search_run(overrides, lr, samples, folder, ray_address=f"127.0.0.1:{port}")
+    finally:
+        subprocess.run([*ray, "stop"], check=False, **quiet)
+
+
+def other_shares(overrides: dict, lr: float, samples: int, work: Path, n: int) -> dict[str, float]:
+    """Round n's figures for the pair on a share of its own (PINNED: the training on core 0,
+    this process and everything the search starts on core 1) and for the search joining a
+    running Ray instance."""
+    own = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, PINNED.command)  # this process and its sampler off the training's core
+    try:
+        plain_rate, plain_wall, _ = plain_run(overrides, work / f"pinned-plain-{n}", PINNED)
+        trial_rate, search_wall, _, _ = search_run(overrides, lr, samples, work / f"pinned-search-{n}", share=PINNED)
+    finally:
+        os.sched_setaffinity(0, own)
+    joined_rate, joined_wall, joined, _ = search_joining_ray(overrides, lr, samples, work / f"joined-{n}")
+    return {
+        "pinned_plain_train_img_s": round(plain_rate, 1),
+        "pinned_trial_train_img_s": round(trial_rate, 1),
+        "pinned_throughput_ratio": round(trial_rate / plain_rate, 3),
+        "pinned_plain_wall_s": round(plain_wall, 1),
+        "pinned_search_wall_s": round(search_wall, 1),
+        "joined_trial_train_img_s": round(joined_rate, 1),
+        "joined_search_wall_s": round(joined_wall, 1),
+        **{f"joined_{k}": v for k, v in joined.items()},
+    }
 
 
 def breakdown(results: list[dict], launched: float, wall: float) -> dict[str, float]:
@@ -155,11 +256,17 @@ def breakdown(results: list[dict], launched: float, wall: float) -> dict[str, fl
 
 
 def search_run(
-    overrides: dict, lr: float, samples: int, folder: Path, code: Path | None = None
+    overrides: dict,
+    lr: float,
+    samples: int,
+    folder: Path,
+    code: Path | None = None,
+    share: Share = SHARED,
+    ray_address: str | None = None,
 ) -> tuple[float, float, dict, dict]:
     """(training images/s over epochs 2..N, wall seconds, breakdown, CPU seconds by group) of
     the same training as a one-trial `posetune search` (with the posetune package in ``code``
-    when given)."""
+    when given; joining the Ray instance at ``ray_address`` when given, as on a `ray up` head)."""
     space = {
         # An evaluation per epoch, as the plain run (a search evaluates at sample milestones).
         "base": {
@@ -168,18 +275,21 @@ def search_run(
         },
         "parameters": {"optimizer.lr": {"distribution": "fixed", "value": lr}},
         "search": {"num_samples": 1, "asha": {"max_samples": samples, "grace_samples": samples}},
-        # 3 logical CPUs: the trial's 2-CPU worker plus its driver's sliver fit on a 2-core box.
-        "resources": {"workers_per_trial": 1, "cpus_per_worker": 2, "local_cpus": 3},
+        # One logical CPU more than the worker's: its trial driver's sliver fits beside it.
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": share.threads, "local_cpus": share.threads + 1},
         "storage": {"name": "bench", "path": str(folder)},
         "tracking": {"enabled": False},
     }
     folder.mkdir(parents=True)
     (folder / "space.yaml").write_text(yaml.safe_dump(space))
-    wall, launched, cpu = run(["search", str(folder / "space.yaml")], code)
+    env = {"RAY_ADDRESS": ray_address} if ray_address else None
+    wall, launched, cpu = run(["search", str(folder / "space.yaml")], code, share, env)
     trial_dir = next((folder / "bench" / "tune").glob("trial-*"))
     results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
     rate = statistics.mean(r["train_images_per_s"] for r in results[1:])
-    return rate, wall, breakdown(results, launched, wall), cpu
+    latest = max((folder / "bench" / "train").glob("*/checkpoint_*"), key=lambda c: c.name)  # named by time
+    uploaded = sum(f.stat().st_size for f in latest.iterdir()) / 2**20
+    return rate, wall, {**breakdown(results, launched, wall), "checkpoint_mib_per_report": round(uploaded, 1)}, cpu
 
 
 def package_at(revision: str, into: Path) -> Path:
@@ -210,6 +320,48 @@ def compared(rounds: list[dict], revision: str, args: argparse.Namespace, figure
         label = key.removeprefix("search_").replace("_", " ")
         lines.append(f"| {label} | {before} | {after} | {round(after - before, 1)} |")
     return lines
+
+
+def other_shares_table(rounds: list[dict], median: dict, figures: dict) -> list[str]:
+    """The pinned pair and the search joining a running Ray instance, per round and medians."""
+    joined = [
+        k for k in rounds[0] if k.startswith("joined_") and k.endswith("_s") and "wall" not in k and "img" not in k
+    ]
+    return [
+        "On a share of its own: the training on core 0 alone with 1 thread (`posetune train` pinned there; "
+        "the trial's Ray Train worker moved there as it starts), Ray's and Tune's processes, the trial driver "
+        "and this benchmark on core 1:",
+        "",
+        "| round | `posetune train` img/s | one-trial search img/s | ratio | train wall (s) | search wall (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {n + 1} | {r['pinned_plain_train_img_s']} | {r['pinned_trial_train_img_s']} "
+            f"| {r['pinned_throughput_ratio']} | {r['pinned_plain_wall_s']} | {r['pinned_search_wall_s']} |"
+            for n, r in enumerate(rounds)
+        ),
+        "",
+        "Median trial / plain training throughput on a share of its own: "
+        f"**{figures['pinned_median_throughput_ratio']}x**; wall time {figures['pinned_wall_ratio']}x "
+        "(Ray's start on one core).",
+        "",
+        "The search joining a Ray instance started before it (`ray start --head`, as a `ray up` head runs one; "
+        "not timed), on both cores as in the first table:",
+        "",
+        "| round | search img/s | search wall (s) | "
+        + " | ".join(k.removeprefix("joined_").removesuffix("_s").replace("_", " ") for k in joined)
+        + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in joined) + " |",
+        *(
+            f"| {n + 1} | {r['joined_trial_train_img_s']} | {r['joined_search_wall_s']} | "
+            + " | ".join(str(r[k]) for k in joined)
+            + " |"
+            for n, r in enumerate(rounds)
+        ),
+        "",
+        f"Median wall time joining a running Ray instance: {median['joined_search_wall_s']} s, "
+        f"**{figures['joined_wall_ratio']}x** the plain run's ({figures['joined_overhead_s']} s of overhead "
+        f"per trial); training throughput {figures['joined_throughput_ratio']}x the plain run's (ratio of medians).",
+    ]
 
 
 def main() -> None:
@@ -255,6 +407,7 @@ def main() -> None:
                     **{f"before_search_{k}": v for k, v in then_phases.items()},
                     **{f"before_search_cpu_s_{k.replace(' ', '_')}": v for k, v in then_cpu.items()},
                 }
+            others = {} if before else other_shares(overrides, cfg.optimizer.lr, samples, work, n)
             rounds.append(
                 {
                     "plain_train_img_s": round(plain_rate, 1),
@@ -268,6 +421,7 @@ def main() -> None:
                     **{f"search_{k}": v for k, v in phases.items()},
                     **{f"search_cpu_s_{k.replace(' ', '_')}": v for k, v in cpu.items()},
                     **then,
+                    **others,
                 }
             )
             print(rounds[-1], flush=True)
@@ -288,6 +442,14 @@ def main() -> None:
         "wall_ratio": round(median["search_wall_s"] / median["plain_wall_s"], 2),
         "startup_overhead_s": round(median["search_wall_s"] - median["plain_wall_s"], 1),
     }
+    if not args.before:
+        figures |= {
+            "pinned_median_throughput_ratio": median["pinned_throughput_ratio"],
+            "pinned_wall_ratio": round(median["pinned_search_wall_s"] / median["pinned_plain_wall_s"], 2),
+            "joined_wall_ratio": round(median["joined_search_wall_s"] / median["plain_wall_s"], 2),
+            "joined_overhead_s": round(median["joined_search_wall_s"] - median["plain_wall_s"], 1),
+            "joined_throughput_ratio": round(median["joined_trial_train_img_s"] / median["plain_train_img_s"], 3),
+        }
     RESULTS.mkdir(exist_ok=True)
     if args.before:
         figures["before"] = args.before
@@ -334,9 +496,14 @@ def main() -> None:
             if k.startswith("search_cpu_s_")
         )
         + f"; the plain run's wall time is {figures['median_plain_wall_s']} s on the same 2 cores.",
+        "",
+        f"Each report hands Ray Train a checkpoint of {median['search_checkpoint_mib_per_report']} MiB to upload "
+        "(the trial's latest: last.pt and best.pt).",
     ]
     if args.before:
         lines += ["", *compared(rounds, args.before, args, figures)]
+    else:
+        lines += ["", *other_shares_table(rounds, median, figures)]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

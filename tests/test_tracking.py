@@ -60,15 +60,17 @@ def test_search_logs_one_parent_and_one_child_per_trial(ray_cluster, server, syn
         assert steps == sorted(steps) and steps[0] == 96 and steps[-1] == record["samples_seen"]
         assert history[-1].value == pytest.approx(record["metrics"]["pose_error"])
         assert [a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
-    # The logged checkpoint is the weights and config (evaluate and predict need no more), not
-    # the optimizer and RNG states that only resuming reads from the experiment folder.
+    # The logged checkpoint, like the trial's best.pt, is the weights and config (evaluate and
+    # predict need no more), not the optimizer and RNG states that only resuming reads (last.pt).
     logged = Path(client.download_artifacts(children[0].info.run_id, "checkpoints/best.pt", str(tmp_path)))
-    full = Path(records[children[0].data.tags["posetune.trial_id"]]["checkpoint"]) / "best.pt"
+    trial = Path(records[children[0].data.tags["posetune.trial_id"]]["checkpoint"])
+    full = trial / "last.pt"
     assert logged.stat().st_size < 0.5 * full.stat().st_size, (logged.stat().st_size, full.stat().st_size)
     from posetune.train.checkpoint import load_checkpoint
     from posetune.train.inference import model_from_checkpoint
 
     assert "optimizer" not in load_checkpoint(logged) and model_from_checkpoint(logged)[1].dataset.image_scale
+    assert "optimizer" not in load_checkpoint(trial / "best.pt") and "optimizer" in load_checkpoint(full)
 
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "summary.txt", "plots", "search_space"} <= parent_artifacts

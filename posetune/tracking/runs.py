@@ -428,22 +428,15 @@ def close_run(client, run_id: str, outcome: Outcome, error: str | None, best_che
         client.set_terminated(run_id, run_status(outcome))
 
 
-# What a logged checkpoint keeps: the weights and the config that rebuilds the model (all that
-# `posetune evaluate` / `predict --checkpoint` read) and where training stood. The optimizer,
-# grad-scaler and RNG states, about two thirds of the file, only resume training, which reads
-# the experiment folder's (or the run folder's) full checkpoint.
-LOGGED_CHECKPOINT_KEYS = ("config", "model", "epoch", "step", "samples_seen", "history", "best")
-
-
 def log_checkpoint(client, run_id: str, checkpoint: str) -> None:
     """A checkpoint (a local path or gs://) as the run's ``checkpoints/<name>``, weights only.
     One that cannot be read is a CheckpointError: reported as not logged, never retried."""
-    from posetune.train.checkpoint import load_checkpoint, save_checkpoint
+    from posetune.train.checkpoint import load_checkpoint, save_checkpoint, weights_only
 
     state = load_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder, posixpath.basename(str(checkpoint).rstrip("/")))
-        save_checkpoint({key: state[key] for key in LOGGED_CHECKPOINT_KEYS if key in state}, path)
+        save_checkpoint(weights_only(state), path)  # a best.pt from before they were weights only
         del state
         client.log_artifact(run_id, str(path), "checkpoints")
 

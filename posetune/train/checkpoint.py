@@ -2,7 +2,9 @@
 
 A checkpoint holds everything a run needs to continue exactly where it stopped (model,
 optimizer, grad scaler, epoch, optimizer step, samples seen, RNG states, metric history, best
-value) plus the fully resolved config, so evaluate/predict need nothing else.
+value) plus the fully resolved config, so evaluate/predict need nothing else. A weights
+checkpoint (``weights_only``: a run's best.pt, a search's best model, an MLflow run's
+checkpoint) keeps ``WEIGHTS_KEYS`` only, about a third of the file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ from posetune.errors import CheckpointError, PosetuneError
 
 FORMAT = "posetune-checkpoint"
 VERSION = 2  # 2: "rng" holds one state per rank
+
+
+# What a weights checkpoint keeps: the weights and the config that rebuilds the model (all that
+# `posetune evaluate` / `predict --checkpoint` read) and where training stood. The optimizer,
+# grad-scaler and RNG states, about two thirds of a full checkpoint, only resume training,
+# which reads last.pt.
+WEIGHTS_KEYS = ("config", "model", "epoch", "step", "samples_seen", "history", "best")
+
+
+def weights_only(state: dict[str, Any]) -> dict[str, Any]:
+    """The part of a checkpoint that evaluating or predicting reads."""
+    return {key: state[key] for key in WEIGHTS_KEYS if key in state}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

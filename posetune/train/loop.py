@@ -8,7 +8,7 @@ folder; every rank trains and evaluates its shard.
 Run folder (``system.out_dir``):
     config.yaml            the fully resolved config
     checkpoints/last.pt    every ``save_frequency`` epochs and at every evaluation (mid-epoch too)
-    checkpoints/best.pt    the evaluation with the best ``checkpoint.monitor`` value
+    checkpoints/best.pt    the evaluation with the best ``checkpoint.monitor`` value, weights only
     metrics.json           {"history": [per evaluation], "best": {...}}
 
 The device and precision are in ``train.runtime``, the learning rate and the schedule of
@@ -39,7 +39,7 @@ from posetune.choices import better, metric_mode
 from posetune.config import Config
 from posetune.data.loader import PoseDataset, load_split, loader_workers, make_loader, set_epoch
 from posetune.errors import ConfigError, DataError, TrainingDiverged
-from posetune.train.checkpoint import save_checkpoint
+from posetune.train.checkpoint import save_checkpoint, weights_only
 from posetune.train.losses import get_orientation_loss, pose_loss
 from posetune.train.metrics import pose_metrics
 from posetune.train.model import PoseNet, create_model, use_sync_batchnorm
@@ -462,20 +462,23 @@ def _evaluate(
 
 
 def _save_evaluation(step: Step, state: TrainState, evaluation: Evaluation) -> None:
-    """last.pt, best.pt when this evaluation is the best so far, and metrics.json."""
+    """last.pt, best.pt (weights only: a third of the bytes a search uploads at every report
+    for it) when this evaluation is the best so far, and metrics.json."""
     checkpoints = evaluation.checkpoint_dir
-    _save(step, state, checkpoints / "last.pt", *([checkpoints / "best.pt"] if evaluation.is_best else []))
+    _save(step, state, checkpoints / "last.pt", best=checkpoints / "best.pt" if evaluation.is_best else None)
     if step.rt.rank == 0:
         history = {"history": state.history, "best": state.best}
         storage.write_text(evaluation.out_dir / "metrics.json", json.dumps(history, indent=2))
 
 
-def _save(step: Step, state: TrainState, *paths: Path) -> None:
-    """Every rank takes part (the checkpoint gathers their RNG states); rank 0 writes each path."""
+def _save(step: Step, state: TrainState, path: Path, best: Path | None = None) -> None:
+    """Every rank takes part (the checkpoint gathers their RNG states); rank 0 writes path, and
+    its weights to best when given."""
     snapshot = checkpoint_state(step.cfg, step.model, step.optimizer, step.scaler, state, step.rt)
     if step.rt.rank == 0:
-        for path in paths:
-            save_checkpoint(snapshot, path)
+        save_checkpoint(snapshot, path)
+        if best is not None:
+            save_checkpoint(weights_only(snapshot), best)
 
 
 def _images_per_s(since: tuple[float, int], samples_seen: int) -> float:

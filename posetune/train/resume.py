@@ -78,10 +78,10 @@ def resume(
         backbone = saved["config"]["model"]["backbone"]
         first_line = str(exc).splitlines()[0]
         raise ConfigError(f"checkpoint.resume {path} holds a different model ({backbone}): {first_line}") from None
-    if "optimizer" not in saved:  # an MLflow run's checkpoints/best.pt keeps the weights only
+    if "optimizer" not in saved:  # best.pt, a search's best model, an MLflow run's checkpoint
         raise ConfigError(
-            f"checkpoint.resume {path} holds weights only (an MLflow run's checkpoints/best.pt): resume "
-            "from a full checkpoint, the run folder's checkpoints/last.pt or a search's trial checkpoint"
+            f"checkpoint.resume {path} holds weights only (a best.pt or a search's best model): resume "
+            "from a full checkpoint, the run folder's checkpoints/last.pt or a trial's last.pt"
         )
     optimizer.load_state_dict(saved["optimizer"])
     scaler.load_state_dict(saved["scaler"])
