@@ -287,7 +287,8 @@ def search_run(
     trial_dir = next((folder / "bench" / "tune").glob("trial-*"))
     results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
     rate = statistics.mean(r["train_images_per_s"] for r in results[1:])
-    latest = max((folder / "bench" / "train").glob("*/checkpoint_*"), key=lambda c: c.name)  # named by time
+    checkpoints = [c for c in (folder / "bench" / "train").glob("*/checkpoint_*") if c.is_dir()]
+    latest = max(checkpoints, key=lambda c: c.name)  # named by the time of their report
     uploaded = sum(f.stat().st_size for f in latest.iterdir()) / 2**20
     return rate, wall, {**breakdown(results, launched, wall), "checkpoint_mib_per_report": round(uploaded, 1)}, cpu
 

@@ -81,6 +81,7 @@ def test_run_folder_contents(synth_small, tmp_path):
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert last["epoch"] == 2 and last["config"] == saved and best["epoch"] == metrics["best"]["epoch"]
+    assert "optimizer" in last and "optimizer" not in best and best["config"] == saved  # best.pt: weights only
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]  # no temp files
     with pytest.raises(ConfigError, match=r"already holds a run; continue it with checkpoint\.resume="):
         fit(cfg)
