@@ -13,6 +13,10 @@ start-up overhead (Ray, Tune, the Train worker group, checkpoint reports).
 The search's wall time is broken down into start-up, training, evaluations and worker set-up,
 reports and shut-down (from the times its worker reported), and its processes' CPU seconds into
 the Train worker, posetune's command and Ray's/Tune's other processes (sampled with psutil).
+Each round also runs the pair on a share of its own (PINNED: the training alone on core 0 with
+one thread, everything else on core 1) and the search joining a Ray instance started before it
+(as on a `ray up` head): the training's throughput without Ray's processes on its cores, and
+what a trial costs once Ray is up. About 20 minutes on 2 cores with the defaults.
 Writes benchmarks/results/orchestration.{json,md}.
 
 With ``--before REV`` each round also runs the same one-trial search with posetune as of git
@@ -81,7 +85,11 @@ class CpuSampler:
                     if "RayTrainWorker" not in self.names.get(process.pid, ""):
                         self.names[process.pid] = name
                     if "RayTrainWorker" in self.names[process.pid]:
-                        self.threads[process.pid] = [t.user_time + t.system_time for t in process.threads()]
+                        # Kept per thread id: a thread that ended (Train's training thread does)
+                        # keeps its last reading.
+                        self.threads.setdefault(process.pid, {}).update(
+                            {t.id: t.user_time + t.system_time for t in process.threads()}
+                        )
                         if self.worker_cores:
                             pin(process, self.worker_cores)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -96,9 +104,10 @@ class CpuSampler:
             name = self.names.get(pid, "")
             key = "train worker" if "RayTrainWorker" in name else "posetune command" if pid == self.root else None
             groups[key or "ray and tune processes"] += seconds
-        training = sum(sum(sorted(times)[-self.training_threads :]) for times in self.threads.values())
+        threads = [sorted(times.values()) for times in self.threads.values()]
+        training = sum(sum(times[-self.training_threads :]) for times in threads)
         groups["train worker training threads"] = training
-        groups["train worker other threads"] = sum(map(sum, self.threads.values())) - training
+        groups["train worker other threads"] = sum(map(sum, threads)) - training
         return {k: round(v, 1) for k, v in groups.items()}
 
 
