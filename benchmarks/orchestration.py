@@ -16,7 +16,9 @@ the Train worker, posetune's command and Ray's/Tune's other processes (sampled w
 Each round also runs the pair on a share of its own (PINNED: the training alone on core 0 with
 one thread, everything else on core 1) and the search joining a Ray instance started before it
 (as on a `ray up` head): the training's throughput without Ray's processes on its cores, and
-what a trial costs once Ray is up. About 20 minutes on 2 cores with the defaults.
+what a trial costs once Ray is up. About 20 minutes on 2 cores with the defaults. The joined
+runs end with `ray stop`, which stops every Ray instance of this user on the machine: run the
+benchmark where no other Ray instance runs.
 Writes benchmarks/results/orchestration.{json,md}.
 
 With ``--before REV`` each round also runs the same one-trial search with posetune as of git
@@ -125,16 +127,15 @@ class Share:
     processes, Tune, the trial driver), ``worker`` for the Ray Train worker, moved there as
     soon as it appears; ``threads`` for torch in the training process. None: all cores."""
 
-    name: str
     threads: int
     command: set[int] | None = None
     worker: set[int] | None = None
 
 
-SHARED = Share("shared", threads=2)  # everything on both cores, 2 torch threads (as a user runs it)
+SHARED = Share(threads=2)  # everything on both cores, 2 torch threads (as a user runs it)
 # The training on core 0 alone, Ray's and Tune's processes on core 1: what a node whose
 # cores Ray's processes do not take from the training gives (2 cores allow 1 for training).
-PINNED = Share("pinned", threads=1, command={1}, worker={0})
+PINNED = Share(threads=1, command={1}, worker={0})
 
 
 def run(
@@ -167,7 +168,7 @@ def plain_run(overrides: dict, folder: Path, share: Share = SHARED) -> tuple[flo
     """(training images/s over epochs 2..N, wall seconds, samples seen) of `posetune train`,
     on the worker's cores of ``share`` with its threads."""
     args = [f"{k}={v}" for k, v in {**overrides, "system.out_dir": folder}.items()]
-    on_worker_cores = Share(share.name, share.threads, command=share.worker)
+    on_worker_cores = Share(share.threads, command=share.worker)
     threads = {"OMP_NUM_THREADS": str(share.threads)}  # as Ray sets it for a worker of that many CPUs
     wall, _, _ = run(
         ["train", "--config", str(REPO / "configs" / "quick.yaml"), *args], share=on_worker_cores, env=threads
